@@ -1,0 +1,106 @@
+"""Layer structure inferred from tensor names and config.json; no per-architecture tables.
+
+A decoder checkpoint has numbered blocks (``model.layers.7.mlp.up_proj.weight``,
+``transformer.h.7.attn.c_attn.weight``) and a few tensors outside them. We find the
+numbered container whose index count matches the config's layer count.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Optional
+
+from ray_merge.errors import UserError
+
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+_NUMBERED = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
+_PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "tok_embeddings")
+
+
+def layer_count_key(config: dict) -> Optional[str]:
+    for key in LAYER_COUNT_KEYS:
+        if isinstance(config.get(key), int):
+            return key
+    text = config.get("text_config")
+    if isinstance(text, dict):
+        for key in LAYER_COUNT_KEYS:
+            if isinstance(text.get(key), int):
+                return f"text_config.{key}"
+    return None
+
+
+def get_config_value(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def set_config_value(config: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = config
+    for part in parts[:-1]:
+        node = node[part]
+    node[parts[-1]] = value
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the layers are: ``{prefix}.{i}.{suffix}`` for each layer i."""
+
+    prefix: Optional[str]
+    num_layers: int
+    layer_suffixes: tuple[str, ...]  # in checkpoint order, from layer 0
+    pre: tuple[str, ...]  # non-layer tensors before the layers (embeddings)
+    post: tuple[str, ...]  # non-layer tensors after (final norm, lm_head)
+
+    def layer_name(self, index: int, suffix: str) -> str:
+        return f"{self.prefix}.{index}.{suffix}"
+
+    def split(self, name: str) -> Optional[tuple[int, str]]:
+        if self.prefix is None or not name.startswith(self.prefix + "."):
+            return None
+        rest = name[len(self.prefix) + 1 :]
+        idx, _, suffix = rest.partition(".")
+        return (int(idx), suffix) if idx.isdigit() else None
+
+
+def infer_layout(names: list[str], config: dict, label: str) -> Layout:
+    key = layer_count_key(config)
+    expected = get_config_value(config, key) if key else None
+    by_prefix: dict[str, set[int]] = defaultdict(set)
+    for n in names:
+        m = _NUMBERED.match(n)
+        if m:
+            by_prefix[m.group(1)].add(int(m.group(2)))
+    # the container whose indices are exactly 0..L-1 for the configured L, else the largest
+    candidates = sorted(by_prefix.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    prefix = None
+    for p, idxs in candidates:
+        if expected is None or idxs == set(range(expected)):
+            prefix = p
+            break
+    if prefix is None and expected == 0:
+        prefix = None
+    elif prefix is None:
+        found = {p: len(i) for p, i in candidates[:3]}
+        raise UserError(
+            f"model {label}: config says {key}={expected} but no numbered tensor block matches "
+            f"(found {found or 'none'})"
+        )
+    num_layers = len(by_prefix[prefix]) if prefix else 0
+
+    layer_suffixes: list[str] = []
+    seen = set()
+    pre, post = [], []
+    layer_re = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.+)$") if prefix else None
+    for n in names:
+        m = layer_re.match(n) if layer_re else None
+        if m:
+            if int(m.group(1)) == 0 and m.group(2) not in seen:
+                seen.add(m.group(2))
+                layer_suffixes.append(m.group(2))
+            continue
+        (pre if any(h in n for h in _PRE_HINTS) else post).append(n)
+    return Layout(prefix, num_layers, tuple(layer_suffixes), tuple(pre), tuple(post))

@@ -1,0 +1,92 @@
+"""The `ray-merge` command.
+
+Each subcommand lives with the code it drives; a module listed in SUBCOMMANDS
+exposes ``add_parser(subparsers)``, which registers its parser with a ``func``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from ray_merge.errors import UserError
+
+SUBCOMMANDS = [
+    "ray_merge.cli_merge",  # run, plan, methods
+]
+
+
+def parse_size(value: str) -> int:
+    """'5B' (mergekit style: thousand/million/billion), '2GiB', '500MB', '1e9' -> bytes."""
+    v = str(value).strip()
+    units = {
+        "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+        "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+        "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12,
+    }
+    low = v.lower()
+    for suffix in sorted(units, key=len, reverse=True):
+        if low.endswith(suffix):
+            num = low[: -len(suffix)].strip()
+            try:
+                return int(float(num) * units[suffix])
+            except ValueError:
+                break
+    try:
+        return int(float(v))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {value!r} (try 5B, 2GiB, 500MB)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ray-merge",
+        description="Merge pretrained LLMs with mergekit recipes, in process or across a Ray cluster.",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for mod in SUBCOMMANDS:
+        importlib.import_module(mod).add_parser(sub)
+    return parser
+
+
+def _version() -> str:
+    from ray_merge import __version__
+
+    return f"ray-merge {__version__}"
+
+
+def _setup_logging(args) -> None:
+    level = logging.WARNING
+    if getattr(args, "verbose", 0) >= 2:
+        level = logging.DEBUG
+    elif getattr(args, "verbose", 0) == 1:
+        level = logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args)
+    try:
+        return args.func(args) or 0
+    except UserError as e:
+        print(f"ray-merge: error: {e}", file=sys.stderr)
+        return UserError.exit_code
+    except KeyboardInterrupt:
+        print("ray-merge: interrupted; rerun with --resume to continue", file=sys.stderr)
+        return 130
+    except OSError as e:
+        # disk full, permission denied while writing, ...: name the file, no traceback
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"ray-merge: error:{where} {e.strerror or e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

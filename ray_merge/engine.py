@@ -1,0 +1,84 @@
+"""One merge, start to finish: plan, execute (in process or on Ray), finalize."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import psutil
+
+from ray_merge.executor import ShardResult, write_shards
+from ray_merge.output import finalize, journal_shard, prepare_output
+from ray_merge.plan import DEFAULT_SHARD_BYTES, Plan, plan_recipe
+from ray_merge.recipe import Recipe
+
+log = logging.getLogger("ray_merge")
+
+
+@dataclass
+class MergeOptions:
+    device: str = "cpu"
+    random_seed: Optional[int] = None
+    out_shard_bytes: int = DEFAULT_SHARD_BYTES
+    memory_budget: Optional[int] = None  # bytes; None: a safe share of RAM
+    copy_tokenizer: bool = True
+    write_model_card: bool = True
+    allow_crimes: bool = False
+    trust_remote_code: bool = False
+    resume: bool = False
+    quiet: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def default_memory_budget() -> int:
+    return int(psutil.virtual_memory().available * 0.6)
+
+
+def make_plan(recipe: Recipe, options: MergeOptions) -> Plan:
+    return plan_recipe(recipe, out_shard_bytes=options.out_shard_bytes, allow_crimes=options.allow_crimes,
+                       seed=options.random_seed)
+
+
+# An executor takes (plan, shards to do, staging dir, options, on_shard) and writes those shards.
+ShardExecutor = Callable[..., list[ShardResult]]
+
+
+def run_in_process(plan: Plan, shards, stage: str, options: MergeOptions, on_shard, progress=None) -> list[ShardResult]:
+    budget = options.memory_budget or default_memory_budget()
+    from ray_merge.errors import UserError
+
+    for s in shards:
+        for pt in plan.shard_tensors(s):
+            if pt.working_bytes > budget:
+                raise UserError(
+                    f"tensor {pt.name} needs {pt.working_bytes / 2**30:.2f} GiB to merge, more than the "
+                    f"memory budget of {budget / 2**30:.2f} GiB"
+                )
+    return write_shards(plan, shards, stage, device=options.device, memory_budget=budget,
+                        on_tensor=(lambda pt: progress.update(pt.out_bytes)) if progress else None,
+                        on_shard=on_shard)
+
+
+def run_merge(recipe: Recipe, out_dir: str, options: MergeOptions,
+              executor: Optional[ShardExecutor] = None, plan: Optional[Plan] = None) -> Plan:
+    """Merge ``recipe`` into ``out_dir``. Returns the plan that was executed."""
+    from tqdm.auto import tqdm
+
+    plan = plan or make_plan(recipe, options)
+    stage, done = prepare_output(out_dir, plan, resume=options.resume)
+    records = dict(done)
+    todo = [s for s in plan.shards if s.index not in done]
+    if done:
+        log.info("resuming: %d of %d shards already finished", len(done), len(plan.shards))
+
+    def on_shard(res: ShardResult) -> None:
+        journal_shard(stage, res)
+        records[res.index] = {"index": res.index, "filename": res.filename, "sha256": res.sha256,
+                              "nbytes": res.nbytes}
+
+    total = sum(s.nbytes for s in todo)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=options.quiet) as bar:
+        (executor or run_in_process)(plan, todo, stage, options, on_shard, progress=bar)
+    finalize(plan, stage, out_dir, records, copy_tokenizer=options.copy_tokenizer,
+             write_model_card=options.write_model_card)
+    return plan

@@ -1,0 +1,182 @@
+"""Input models: resolving references to local directories and indexing their weights.
+
+Only metadata is read here (config.json, safetensors headers, index files); tensors
+are read lazily, one at a time, by ``WeightReader``.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ray_merge.errors import UserError
+from ray_merge.recipe import ModelRef
+
+WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+                   "pytorch_model.bin.index.json"]
+META_PATTERNS = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
+                 "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*"]
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def resolve_model_dir(ref: ModelRef, *, weights: bool = True, allow_patterns: Optional[list[str]] = None) -> str:
+    """A local directory holding the model: the path itself, or a hub snapshot.
+
+    Hub references are fetched with huggingface_hub (or found in its cache when
+    offline); only config, tokenizer and weight files are requested.
+    """
+    if os.path.isdir(ref.path):
+        return os.path.abspath(ref.path)
+    if ref.path.startswith((".", "/", "~")) or os.sep in ref.path.strip("/").replace("/", "", 1):
+        raise UserError(f"model {ref}: no such directory")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError
+
+        patterns = allow_patterns or (META_PATTERNS + (WEIGHT_PATTERNS if weights else []))
+        return snapshot_download(ref.path, revision=ref.revision, allow_patterns=patterns)
+    except HFValidationError:
+        raise UserError(f"model {ref}: not a directory and not a valid hub id")
+    except Exception as e:  # network errors, missing repos, offline cache misses
+        raise UserError(
+            f"model {ref}: not a local directory and not available from the Hugging Face hub "
+            f"({type(e).__name__})"
+        )
+
+
+def read_config(model_dir: str, label: str) -> dict:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"model {label}: no config.json in {model_dir}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"model {label}: config.json is not valid JSON ({e.msg if hasattr(e, 'msg') else e})",
+                        source=path)
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    file: str  # absolute path of the file holding it
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def _read_safetensors_header(path: str) -> dict:
+    """Parse a safetensors header without touching the tensor data."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise ValueError("file too short")
+            n = int.from_bytes(head, "little")
+            size = os.fstat(f.fileno()).st_size
+            if n <= 0 or n > min(size - 8, 100 * 1024 * 1024):
+                raise ValueError(f"header length {n} out of range")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        header.pop("__metadata__", None)
+        for name, info in header.items():
+            end = info["data_offsets"][1]
+            if end > size - 8 - n or info["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"tensor {name} has bad offsets or dtype")
+        return header
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise UserError(f"corrupt safetensors header: {e}", source=path)
+
+
+def index_weights(model_dir: str, label: str) -> dict[str, TensorMeta]:
+    """Map every tensor name of a model to its file, shape and dtype."""
+    st_files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    index: dict[str, TensorMeta] = {}
+    if st_files:
+        idx_path = os.path.join(model_dir, "model.safetensors.index.json")
+        if os.path.isfile(idx_path):
+            try:
+                with open(idx_path) as f:
+                    listed = set(json.load(f)["weight_map"].values())
+            except (json.JSONDecodeError, KeyError, OSError) as e:
+                raise UserError(f"unreadable index: {e}", source=idx_path)
+            st_files = [os.path.join(model_dir, f) for f in sorted(listed)]
+            for f in st_files:
+                if not os.path.isfile(f):
+                    raise UserError(f"model {label}: index lists missing shard {os.path.basename(f)}",
+                                    source=idx_path)
+        for path in st_files:
+            for name, info in _read_safetensors_header(path).items():
+                index[name] = TensorMeta(path, tuple(info["shape"]), SAFETENSORS_DTYPES[info["dtype"]])
+        return index
+    bin_files = sorted(glob.glob(os.path.join(model_dir, "pytorch_model*.bin")))
+    if bin_files:
+        for path in bin_files:
+            for name, t in _load_bin(path).items():
+                index[name] = TensorMeta(path, tuple(t.shape), t.dtype)
+        return index
+    raise UserError(f"model {label}: no weights (*.safetensors or pytorch_model*.bin) in {model_dir}")
+
+
+def _load_bin(path: str) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # pickle errors come in many types
+        raise UserError(f"cannot read PyTorch weights: {type(e).__name__}: {e}", source=path)
+
+
+class WeightReader:
+    """Reads tensors of one model lazily. safetensors files are memory-mapped."""
+
+    def __init__(self, index: dict[str, TensorMeta]):
+        self.index = index
+        self._handles: dict[str, object] = {}
+
+    def _handle(self, path: str):
+        h = self._handles.get(path)
+        if h is None:
+            if path.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                h = safe_open(path, framework="pt", device="cpu")
+            else:
+                h = _load_bin(path)
+            self._handles[path] = h
+        return h
+
+    def read(self, name: str) -> torch.Tensor:
+        meta = self.index[name]
+        h = self._handle(meta.file)
+        if isinstance(h, dict):
+            return h[name]
+        return h.get_tensor(name)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor, reading only those bytes where the format allows."""
+        meta = self.index[name]
+        h = self._handle(meta.file)
+        if isinstance(h, dict):
+            return h[name][start:stop]
+        return h.get_slice(name)[start:stop]
+
+    def close(self) -> None:
+        self._handles.clear()

@@ -1,0 +1,94 @@
+"""Streaming safetensors shard writer.
+
+The safetensors library serialises a whole dict at once, which would hold an entire
+5 GB shard in memory. Because the plan knows every tensor's name, shape and dtype
+up front, we write the (standard) header first and then stream each tensor's bytes
+to its offset, so a shard never has to fit in memory. Files are checked by reading
+them back with the safetensors library in the tests.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Iterable
+
+import torch
+
+_ST_DTYPE = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+}
+
+
+def _nbytes(shape, dtype: str) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * getattr(torch, dtype).itemsize
+
+
+class ShardWriter:
+    """Writes one safetensors file whose tensors are declared in advance, in order."""
+
+    def __init__(self, path: str, layout: Iterable[tuple[str, tuple, str]]):
+        self.path = path
+        self.tmp_path = path + ".tmp"
+        self._layout = list(layout)
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype in self._layout:
+            n = _nbytes(shape, dtype)
+            header[name] = {"dtype": _ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._expected = [(name, tuple(shape), dtype) for name, shape, dtype in self._layout]
+        self._next = 0
+        self._hash = hashlib.sha256()
+        self._file = open(self.tmp_path, "wb")
+        self._emit(len(raw).to_bytes(8, "little") + raw)
+        self.total_bytes = 8 + len(raw) + offset
+
+    def _emit(self, data) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        exp_name, exp_shape, exp_dtype = self._expected[self._next]
+        if name != exp_name or tuple(tensor.shape) != exp_shape or str(tensor.dtype) != f"torch.{exp_dtype}":
+            raise RuntimeError(
+                f"shard writer expected {exp_name} {exp_shape} {exp_dtype}, got {name} "
+                f"{tuple(tensor.shape)} {tensor.dtype}"
+            )
+        t = tensor.detach().to("cpu").contiguous()
+        if t.numel():
+            self._emit(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+        self._next += 1
+
+    def close(self) -> str:
+        """Finish the file, rename it into place, return its sha256."""
+        if self._next != len(self._expected):
+            raise RuntimeError(f"shard {self.path}: {len(self._expected) - self._next} tensors never written")
+        self._file.close()
+        os.replace(self.tmp_path, self.path)
+        return self._hash.hexdigest()
+
+    def abort(self) -> None:
+        try:
+            self._file.close()
+        finally:
+            if os.path.exists(self.tmp_path):
+                os.remove(self.tmp_path)
+
+
+def sha256_file(path: str, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()

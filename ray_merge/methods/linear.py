@@ -1,0 +1,54 @@
+"""Weighted averages: linear and passthrough."""
+from __future__ import annotations
+
+import torch
+
+from ray_merge.methods.base import MergeInputs, MergeMethod, Param, register
+
+
+def _linear(inp: MergeInputs) -> torch.Tensor:
+    weights = torch.tensor([p["weight"] for p in inp.model_params], dtype=inp.tensors[0].dtype)
+    out = torch.zeros_like(inp.tensors[0])
+    for w, t in zip(weights, inp.tensors):
+        out.add_(t, alpha=float(w))
+    if inp.params["normalize"]:
+        total = float(weights.sum())
+        if total != 0:
+            out.div_(total)
+    return out
+
+
+def _passthrough(inp: MergeInputs) -> torch.Tensor:
+    if len(inp.tensors) != 1:
+        raise ValueError("passthrough takes exactly one input model per slice")
+    scale = inp.model_params[0].get("scale")
+    t = inp.tensors[0]
+    return t * scale if scale is not None else t
+
+
+register(
+    MergeMethod(
+        name="linear",
+        fn=_linear,
+        params=(
+            Param("weight", per_model=True, help="weight of this model"),
+            Param("normalize", default=True, kind=bool, help="divide by the sum of weights"),
+        ),
+        base_model="none",
+        row_splittable=True,
+        pretty_name="Linear",
+        reference_url="https://arxiv.org/abs/2203.05482",
+    )
+)
+
+register(
+    MergeMethod(
+        name="passthrough",
+        fn=_passthrough,
+        params=(Param("scale", default=None, per_model=True, help="multiply the tensor by this"),),
+        base_model="none",
+        row_splittable=True,
+        pretty_name="Passthrough",
+        description="copies tensors unchanged; used for frankenmerges with slices",
+    )
+)

@@ -1,0 +1,415 @@
+"""Planning: recipe + model metadata -> every output tensor with its inputs and parameters.
+
+No tensor data is read. The plan is a plain picklable value: the in-process executor
+and the Ray workers run the same plan, cut into output shards.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ray_merge.architecture import Layout, infer_layout, layer_count_key, set_config_value
+from ray_merge.errors import UserError
+from ray_merge.io.models import TensorMeta, index_weights, read_config, resolve_model_dir
+from ray_merge.methods import MergeMethod, get_method
+from ray_merge.recipe import ModelRef, OutputSlice, Recipe, resolve
+
+DEFAULT_SHARD_BYTES = 5_000_000_000
+DTYPE_BY_NAME = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "float64": torch.float64}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def itemsize(name: str) -> int:
+    return getattr(torch, name).itemsize
+
+
+@dataclass(frozen=True)
+class InputModel:
+    ref: str  # as written in the recipe
+    path: str  # local directory
+
+
+@dataclass(frozen=True)
+class TensorInput:
+    model: int  # index into Plan.models
+    tensor: str
+    file: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: str
+    inputs: list[TensorInput]
+    base_index: Optional[int]
+    compute_dtype: Optional[str]  # None: keep each input's dtype
+    params: dict
+    model_params: list[dict]
+    method: str
+    working_bytes: int  # peak memory to compute it (inputs + temporaries + output)
+    shard: int = -1
+
+    @property
+    def out_bytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * itemsize(self.out_dtype)
+
+    @property
+    def in_bytes(self) -> int:
+        total = 0
+        for i in self.inputs:
+            n = 1
+            for d in i.shape:
+                n *= d
+            total += n * itemsize(i.dtype)
+        return total
+
+
+@dataclass
+class Shard:
+    index: int
+    filename: str
+    tensors: list[str]
+    nbytes: int
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    method: str
+    models: list[InputModel]
+    tensors: list[PlannedTensor]
+    shards: list[Shard]
+    out_config: dict
+    donor: int  # index of the model whose config / tokenizer / extra files are used
+    seed: Optional[int] = None
+    notes: list[str] = field(default_factory=list)
+
+    def tensor(self, name: str) -> PlannedTensor:
+        return self._by_name[name]
+
+    def __post_init__(self):
+        self._by_name = {t.name: t for t in self.tensors}
+
+    def shard_tensors(self, shard: Shard) -> list[PlannedTensor]:
+        return [self._by_name[n] for n in shard.tensors]
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(t.in_bytes for t in self.tensors)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    @property
+    def peak_working_bytes(self) -> int:
+        return max((t.working_bytes for t in self.tensors), default=0)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the plan's output bytes: recipe, inputs, seed and layout."""
+        h = hashlib.sha256()
+        h.update(self.recipe.hash.encode())
+        h.update(repr(self.seed).encode())
+        for m in self.models:
+            h.update(m.path.encode())
+        for t in self.tensors:
+            h.update(f"{t.name}|{t.shape}|{t.out_dtype}|{t.shard}".encode())
+        return h.hexdigest()
+
+
+@dataclass
+class _ModelMeta:
+    ref: ModelRef
+    path: str
+    config: dict
+    index: dict[str, TensorMeta]
+    layout: Layout
+
+
+class Planner:
+    def __init__(self, recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 allow_crimes: bool = False, seed: Optional[int] = None):
+        self.recipe = recipe
+        self.method: MergeMethod = get_method(recipe.merge_method)
+        self.out_shard_bytes = out_shard_bytes
+        self.allow_crimes = allow_crimes
+        self.seed = seed
+        self._meta: dict[ModelRef, _ModelMeta] = {}
+        self._order: list[ModelRef] = []
+
+    # -- model metadata ---------------------------------------------------
+    def meta(self, ref: ModelRef) -> _ModelMeta:
+        if ref not in self._meta:
+            path = resolve_model_dir(ref)
+            config = read_config(path, str(ref))
+            index = index_weights(path, str(ref))
+            names = sorted(index, key=_natural_key)
+            layout = infer_layout(names, config, str(ref))
+            self._meta[ref] = _ModelMeta(ref, path, config, index, layout)
+            self._order.append(ref)
+        return self._meta[ref]
+
+    def model_index(self, ref: ModelRef) -> int:
+        self.meta(ref)
+        return self._order.index(ref)
+
+    # -- planning ---------------------------------------------------------
+    def plan(self) -> Plan:
+        recipe = self.recipe
+        for ref in recipe.referenced_models():
+            self.meta(ref)
+        slices = self._normalized_slices()
+        self._check_architectures()
+
+        donor_ref = recipe.base_model or slices[0].sources[0].model
+        donor = self.meta(donor_ref)
+        tensors: list[PlannedTensor] = []
+
+        # Tensors outside the layers: embeddings from the first slice, the rest from the last.
+        first, last = slices[0], slices[-1]
+        for name in donor.layout.pre:
+            pt = self._plan_tensor(name, [(s.model, name) for s in first.sources], first, t=0.0)
+            if pt:
+                tensors.append(pt)
+        out_layer = 0
+        for si, sl in enumerate(slices):
+            start0, end0 = sl.sources[0].layer_range
+            n = end0 - start0
+            for offset in range(n):
+                t = offset / (n - 1) if n > 1 else 1.0
+                template = self.meta(sl.sources[0].model).layout
+                for suffix in template.layer_suffixes:
+                    inputs = []
+                    for src in sl.sources:
+                        lay = self.meta(src.model).layout
+                        inputs.append((src.model, lay.layer_name(src.layer_range[0] + offset, suffix)))
+                    out_name = donor.layout.layer_name(out_layer, suffix) if donor.layout.prefix \
+                        else template.layer_name(out_layer, suffix)
+                    pt = self._plan_tensor(out_name, inputs, sl, t=t)
+                    if pt:
+                        tensors.append(pt)
+                out_layer += 1
+        for name in donor.layout.post:
+            pt = self._plan_tensor(name, [(s.model, name) for s in last.sources], last, t=0.0)
+            if pt:
+                tensors.append(pt)
+
+        out_config = self._out_config(donor, out_layer)
+        shards = self._shard(tensors)
+        models = [InputModel(str(r), self._meta[r].path) for r in self._order]
+        return Plan(
+            recipe=recipe,
+            method=self.method.name,
+            models=models,
+            tensors=tensors,
+            shards=shards,
+            out_config=out_config,
+            donor=self._order.index(donor_ref),
+            seed=self.seed,
+        )
+
+    def _normalized_slices(self) -> list[OutputSlice]:
+        """`models:` becomes one slice over every layer; the base joins the sources."""
+        recipe = self.recipe
+        out = []
+        for i, sl in enumerate(recipe.slices):
+            sources = list(sl.sources)
+            for j, src in enumerate(sources):
+                n = self.meta(src.model).layout.num_layers
+                if src.layer_range is None:
+                    src.layer_range = (0, n)
+                elif src.layer_range[1] > n:
+                    key = f"slices[{i}].sources[{j}].layer_range"
+                    raise UserError(f"{list(src.layer_range)} is out of range: {src.model} has {n} layers",
+                                    source=recipe.source, key=key)
+            if recipe.from_models:
+                lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
+                if len(lengths) > 1:
+                    raise UserError(f"models have different layer counts {sorted(lengths)}",
+                                    source=recipe.source, key="models")
+            base = sl.base_model or recipe.base_model
+            if recipe.from_models and base is not None and all(s.model != base for s in sources):
+                from ray_merge.recipe import SliceSource
+
+                n = self.meta(base).layout.num_layers
+                sources.append(SliceSource(model=base, layer_range=(0, n)))
+            out.append(OutputSlice(sources=sources, base_model=sl.base_model, parameters=sl.parameters))
+        return out
+
+    def _check_architectures(self) -> None:
+        if self.allow_crimes:
+            return
+        archs = {}
+        for ref, m in self._meta.items():
+            arch = tuple(m.config.get("architectures") or [m.config.get("model_type")])
+            archs.setdefault(arch, []).append(str(ref))
+        if len(archs) > 1:
+            desc = "; ".join(f"{a[0]}: {', '.join(ms)}" for a, ms in archs.items())
+            raise UserError(f"models have different architectures ({desc}); pass --allow-crimes to merge anyway",
+                            source=self.recipe.source)
+
+    def _plan_tensor(self, out_name: str, inputs: list[tuple[ModelRef, str]], sl: OutputSlice,
+                     t: float) -> Optional[PlannedTensor]:
+        recipe = self.recipe
+        base_ref = sl.base_model or recipe.base_model
+        metas: list[tuple[ModelRef, str, TensorMeta]] = []
+        for ref, name in inputs:
+            m = self.meta(ref)
+            tm = m.index.get(name)
+            if tm is None:
+                tied = _tied_alias(name, m)
+                tm = m.index.get(tied) if tied else None
+                name = tied if tm is not None else name
+            if tm is None:
+                if _is_optional(name, m):
+                    continue
+                raise UserError(f"tensor {name} is missing from model {ref}", source=recipe.source)
+            metas.append((ref, name, tm))
+        if not metas:
+            return None  # an optional tensor (e.g. a tied lm_head) nobody has
+        shapes = {tm.shape for _, _, tm in metas}
+        if len(shapes) > 1:
+            desc = ", ".join(f"{ref}: {list(tm.shape)}" for ref, _, tm in metas)
+            raise UserError(f"tensor {out_name} has different shapes across models ({desc})",
+                            source=recipe.source)
+
+        method = self.method
+        base_index = None
+        for i, (ref, _, _) in enumerate(metas):
+            if ref == base_ref:
+                base_index = i
+                break
+        if method.base_model == "required" and base_index is None:
+            raise UserError(f"merge method {method.name!r} needs base_model {base_ref} among the inputs of {out_name}",
+                            source=recipe.source)
+
+        # Parameters: slice source > slice > global (mergekit's precedence).
+        shared_scopes = [sl.parameters, recipe.parameters]
+        params = {}
+        for p in method.global_params:
+            v = resolve(p, shared_scopes, out_name, t)
+            params[p.name] = self._default(p, v, out_name, None)
+        model_params = []
+        for i, (ref, in_name, _) in enumerate(metas):
+            src_params = next((s.parameters for s in sl.sources if s.model == ref), {})
+            scopes = [src_params, sl.parameters, recipe.parameters]
+            mp = {}
+            for p in method.model_params:
+                v = resolve(p, scopes, in_name, t)
+                mp[p.name] = self._default(p, v, in_name, None if i == base_index else ref)
+            model_params.append(mp)
+
+        first_dtype = metas[0][2].dtype
+        compute = recipe.dtype
+        non_float = not first_dtype.is_floating_point
+        if non_float:
+            compute = None
+        out_dtype = recipe.out_dtype or compute or dtype_name(first_dtype)
+        if non_float:
+            out_dtype = dtype_name(first_dtype)
+        shape = metas[0][2].shape
+        numel = 1
+        for d in shape:
+            numel *= d
+        compute_itemsize = DTYPE_BY_NAME[compute].itemsize if compute else first_dtype.itemsize
+        in_bytes = sum(tm.numel * tm.dtype.itemsize for _, _, tm in metas)
+        work = in_bytes + numel * compute_itemsize * (len(metas) + method.extra.get("workspace_tensors", 2))
+        return PlannedTensor(
+            name=out_name,
+            shape=tuple(shape),
+            out_dtype=out_dtype,
+            inputs=[TensorInput(self.model_index(ref), name, tm.file, tuple(tm.shape), dtype_name(tm.dtype))
+                    for ref, name, tm in metas],
+            base_index=base_index,
+            compute_dtype=compute,
+            params=params,
+            model_params=model_params,
+            method=method.name if not non_float else "passthrough_buffer",
+            working_bytes=int(work),
+        )
+
+    def _default(self, p, value, tensor: str, model: Optional[ModelRef]):
+        from ray_merge.recipe import _MISSING
+
+        if value is not _MISSING:
+            return value
+        if p.required:
+            if model is None:
+                # the base model needs no per-model value of its own
+                return None
+            raise UserError(f"missing required parameter {p.name!r} for model {model} (tensor {tensor})",
+                            source=self.recipe.source)
+        return p.default
+
+    def _out_config(self, donor: _ModelMeta, num_layers: int) -> dict:
+        import copy
+
+        cfg = copy.deepcopy(donor.config)
+        key = layer_count_key(cfg)
+        if key and not self.recipe.from_models:
+            set_config_value(cfg, key, num_layers)
+        dtype = self.recipe.out_dtype or self.recipe.dtype
+        if dtype:
+            cfg["torch_dtype"] = dtype
+            if "dtype" in cfg:
+                cfg["dtype"] = dtype
+        # per-layer lists (e.g. layer_types) must follow the new layer count
+        for k, v in list(cfg.items()):
+            if isinstance(v, list) and k in ("layer_types",) and len(v) != num_layers and v:
+                cfg[k] = [v[i % len(v)] for i in range(num_layers)]
+        return cfg
+
+    def _shard(self, tensors: list[PlannedTensor]) -> list[Shard]:
+        groups: list[list[PlannedTensor]] = [[]]
+        size = 0
+        for t in tensors:
+            b = t.out_bytes
+            if groups[-1] and size + b > self.out_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(t)
+            size += b
+        n = len(groups)
+        shards = []
+        for i, g in enumerate(groups):
+            for t in g:
+                t.shard = i
+            shards.append(Shard(i, f"model-{i + 1:05d}-of-{n:05d}.safetensors", [t.name for t in g],
+                                sum(t.out_bytes for t in g)))
+        return shards
+
+
+def _natural_key(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _tied_alias(name: str, m: _ModelMeta) -> Optional[str]:
+    """lm_head of a model with tied embeddings lives in its input embedding."""
+    if name.endswith("lm_head.weight") and m.config.get("tie_word_embeddings", False):
+        for cand in m.layout.pre:
+            if "embed_tokens" in cand or "wte" in cand or "word_embeddings" in cand:
+                return cand
+    return None
+
+
+def _is_optional(name: str, m: _ModelMeta) -> bool:
+    return name.endswith("lm_head.weight") or "rotary_emb" in name
+
+
+def plan_recipe(recipe: Recipe, **kw) -> Plan:
+    return Planner(recipe, **kw).plan()

@@ -1,0 +1,410 @@
+"""Recipes: mergekit's YAML format, loaded with OmegaConf and validated into typed objects.
+
+Everything that can be checked without reading a model is checked here, and every
+error names the file, the key path and the problem.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ray_merge.errors import UserError
+
+Scalar = Union[bool, int, float, str]
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
+                 "float": "float32", "fp64": "float64", "double": "float64"}
+
+TOP_LEVEL_KEYS = {
+    "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+    "tokenizer_source", "tokenizer", "chat_template", "name",
+}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model reference: a local path, or a hub id with an optional ``@revision``."""
+
+    path: str
+    revision: Optional[str] = None
+
+    @classmethod
+    def parse(cls, value: str) -> "ModelRef":
+        value = str(value).strip()
+        if "@" in value and not os.path.exists(value):
+            path, _, rev = value.rpartition("@")
+            return cls(path, rev or None)
+        return cls(value)
+
+    def __str__(self) -> str:
+        return f"{self.path}@{self.revision}" if self.revision else self.path
+
+
+@dataclass
+class SliceSource:
+    model: ModelRef
+    layer_range: Optional[tuple[int, int]]  # None: every layer (from `models:`)
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass
+class OutputSlice:
+    sources: list[SliceSource]
+    base_model: Optional[ModelRef] = None
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    merge_method: str
+    slices: list[OutputSlice]
+    from_models: bool  # written with `models:` (one slice spanning every layer)
+    base_model: Optional[ModelRef] = None
+    parameters: dict = field(default_factory=dict)
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    tokenizer: Optional[dict] = None
+    chat_template: Optional[str] = None
+    source: str = "<recipe>"
+    raw: dict = field(default_factory=dict)
+
+    def referenced_models(self) -> list[ModelRef]:
+        """Every model the recipe names, in first-mention order, base first."""
+        seen: dict[ModelRef, None] = {}
+        if self.base_model:
+            seen[self.base_model] = None
+        for s in self.slices:
+            if s.base_model:
+                seen[s.base_model] = None
+            for src in s.sources:
+                seen[src.model] = None
+        return list(seen)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.raw, sort_keys=False)
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()
+
+
+def load_recipe(path: str, overrides: Optional[list[str]] = None) -> Recipe:
+    """Read a recipe file, apply ``key=value`` overrides, validate."""
+    if not os.path.isfile(path):
+        raise UserError("recipe file not found", source=path)
+    try:
+        conf = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as e:
+        raise UserError(f"malformed YAML: {_one_line(e)}", source=path)
+    return recipe_from_conf(conf, source=path, overrides=overrides)
+
+
+def recipe_from_dict(data: dict, source: str = "<recipe>", overrides: Optional[list[str]] = None) -> Recipe:
+    return recipe_from_conf(OmegaConf.create(data), source=source, overrides=overrides)
+
+
+def recipe_from_conf(conf, source: str, overrides: Optional[list[str]] = None) -> Recipe:
+    if not OmegaConf.is_dict(conf):
+        raise UserError("a recipe must be a mapping of keys", source=source)
+    for item in overrides or []:
+        if "=" not in item:
+            raise UserError(f"--set takes key=value, got {item!r}", source=source)
+        key, value = item.split("=", 1)
+        try:
+            OmegaConf.update(conf, key.strip(), yaml.safe_load(value), force_add=True)
+        except (OmegaConfBaseException, yaml.YAMLError) as e:
+            raise UserError(f"cannot apply --set {item!r}: {_one_line(e)}", source=source)
+    try:
+        data = OmegaConf.to_container(conf, resolve=True)
+    except OmegaConfBaseException as e:
+        raise UserError(f"cannot resolve recipe: {_one_line(e)}", source=source)
+    return _validate(data, source)
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def _validate(data: dict, source: str) -> Recipe:
+    from ray_merge.methods import get_method
+
+    def err(key: str, msg: str) -> UserError:
+        return UserError(msg, source=source, key=key)
+
+    unknown = sorted(set(data) - TOP_LEVEL_KEYS)
+    if unknown:
+        if "modules" in unknown:
+            raise err("modules", "multi-module recipes are not supported; use models or slices")
+        raise err(unknown[0], f"unknown key (known: {', '.join(sorted(TOP_LEVEL_KEYS))})")
+
+    if "merge_method" not in data:
+        raise err("merge_method", "missing")
+    method_name = data["merge_method"]
+    if not isinstance(method_name, str):
+        raise err("merge_method", "must be a string")
+    try:
+        method = get_method(method_name)
+    except UserError as e:
+        raise err("merge_method", str(e))
+
+    has_models = data.get("models") is not None
+    has_slices = data.get("slices") is not None
+    if has_models == has_slices:
+        raise err("models", "give exactly one of 'models' or 'slices'")
+
+    base = _model_ref(data.get("base_model"), "base_model", err) if data.get("base_model") is not None else None
+    params = _parameters(data.get("parameters"), "parameters", err)
+
+    slices: list[OutputSlice] = []
+    if has_models:
+        models = data["models"]
+        if not isinstance(models, list) or not models:
+            raise err("models", "must be a non-empty list")
+        sources = []
+        for i, m in enumerate(models):
+            key = f"models[{i}]"
+            if isinstance(m, str):
+                m = {"model": m}
+            if not isinstance(m, dict):
+                raise err(key, "must be a mapping with a 'model' key")
+            _no_unknown(m, {"model", "parameters"}, key, err)
+            if "model" not in m:
+                raise err(f"{key}.model", "missing")
+            sources.append(
+                SliceSource(
+                    model=_model_ref(m["model"], f"{key}.model", err),
+                    layer_range=None,
+                    parameters=_parameters(m.get("parameters"), f"{key}.parameters", err),
+                )
+            )
+        slices.append(OutputSlice(sources=sources))
+    else:
+        raw_slices = data["slices"]
+        if not isinstance(raw_slices, list) or not raw_slices:
+            raise err("slices", "must be a non-empty list")
+        for i, s in enumerate(raw_slices):
+            key = f"slices[{i}]"
+            if not isinstance(s, dict):
+                raise err(key, "must be a mapping with 'sources'")
+            _no_unknown(s, {"sources", "base_model", "parameters", "residual_weight"}, key, err)
+            srcs = s.get("sources")
+            if not isinstance(srcs, list) or not srcs:
+                raise err(f"{key}.sources", "must be a non-empty list")
+            sources = []
+            for j, src in enumerate(srcs):
+                skey = f"{key}.sources[{j}]"
+                if not isinstance(src, dict):
+                    raise err(skey, "must be a mapping with 'model' and 'layer_range'")
+                _no_unknown(src, {"model", "layer_range", "parameters"}, skey, err)
+                if "model" not in src:
+                    raise err(f"{skey}.model", "missing")
+                lr = src.get("layer_range")
+                if (
+                    not isinstance(lr, list)
+                    or len(lr) != 2
+                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
+                ):
+                    raise err(f"{skey}.layer_range", "must be a list of two integers [start, end]")
+                if lr[0] < 0 or lr[1] <= lr[0]:
+                    raise err(f"{skey}.layer_range", f"{lr} is empty or negative")
+                sources.append(
+                    SliceSource(
+                        model=_model_ref(src["model"], f"{skey}.model", err),
+                        layer_range=(lr[0], lr[1]),
+                        parameters=_parameters(src.get("parameters"), f"{skey}.parameters", err),
+                    )
+                )
+            lengths = {src.layer_range[1] - src.layer_range[0] for src in sources}
+            if len(lengths) != 1:
+                raise err(f"{key}.sources", "every source of a slice must span the same number of layers")
+            slice_base = s.get("base_model")
+            slices.append(
+                OutputSlice(
+                    sources=sources,
+                    base_model=_model_ref(slice_base, f"{key}.base_model", err) if slice_base else None,
+                    parameters=_parameters(s.get("parameters"), f"{key}.parameters", err),
+                )
+            )
+
+    # Parameters the method does not take.
+    known = {p.name for p in method.params}
+    for key, block in _parameter_blocks(params, slices):
+        for name in block:
+            if name not in known:
+                takes = ", ".join(sorted(known)) or "none"
+                raise err(f"{key}.{name}", f"merge method {method.name!r} takes no parameter {name!r} (takes: {takes})")
+
+    # Base model requirements.
+    for i, s in enumerate(slices):
+        effective_base = s.base_model or base
+        if method.base_model == "required" and effective_base is None:
+            raise err("base_model", f"merge method {method.name!r} needs a base_model")
+
+    dtype = _dtype(data.get("dtype"), "dtype", err)
+    out_dtype = _dtype(data.get("out_dtype"), "out_dtype", err)
+
+    tokenizer_source = data.get("tokenizer_source")
+    tokenizer = data.get("tokenizer")
+    if tokenizer_source is not None and tokenizer is not None:
+        raise err("tokenizer", "give either 'tokenizer' or 'tokenizer_source', not both")
+    if tokenizer_source is not None and not isinstance(tokenizer_source, str):
+        raise err("tokenizer_source", "must be 'union', 'base' or a model reference")
+    if tokenizer is not None and not isinstance(tokenizer, dict):
+        raise err("tokenizer", "must be a mapping (source, tokens, pad_to_multiple_of)")
+    chat_template = data.get("chat_template")
+    if chat_template is not None and not isinstance(chat_template, str):
+        raise err("chat_template", "must be a string")
+
+    return Recipe(
+        merge_method=method.name,
+        slices=slices,
+        from_models=has_models,
+        base_model=base,
+        parameters=params,
+        dtype=dtype,
+        out_dtype=out_dtype,
+        tokenizer_source=tokenizer_source,
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+        source=source,
+        raw=data,
+    )
+
+
+def _no_unknown(d: dict, allowed: set, key: str, err) -> None:
+    extra = sorted(set(d) - allowed)
+    if extra:
+        raise err(f"{key}.{extra[0]}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _model_ref(value: Any, key: str, err) -> ModelRef:
+    if not isinstance(value, str) or not value.strip():
+        raise err(key, "must be a model path or hub id")
+    return ModelRef.parse(value)
+
+
+def _dtype(value: Any, key: str, err) -> Optional[str]:
+    if value is None:
+        return None
+    v = DTYPE_ALIASES.get(str(value), str(value))
+    if v not in DTYPES:
+        raise err(key, f"unknown dtype {value!r} (use one of {', '.join(DTYPES)})")
+    return v
+
+
+def _is_scalar(v: Any) -> bool:
+    return isinstance(v, (bool, int, float, str))
+
+
+def _parameters(value: Any, key: str, err) -> dict:
+    """Check the shape of a parameters block: scalars, gradients, filter lists."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise err(key, "must be a mapping of parameter names to values")
+    for name, setting in value.items():
+        _check_setting(setting, f"{key}.{name}", err)
+    return dict(value)
+
+
+def _check_setting(setting: Any, key: str, err) -> None:
+    if _is_scalar(setting):
+        return
+    if isinstance(setting, dict):
+        _no_unknown(setting, {"filter", "value"}, key, err)
+        if "value" not in setting:
+            raise err(key, "a conditional parameter needs a 'value'")
+        if setting.get("filter") is not None and not isinstance(setting["filter"], str):
+            raise err(f"{key}.filter", "must be a string")
+        _check_setting(setting["value"], f"{key}.value", err)
+        return
+    if isinstance(setting, list):
+        if not setting:
+            raise err(key, "empty list")
+        if all(_is_scalar(v) for v in setting):
+            return  # a gradient
+        for i, item in enumerate(setting):
+            if not isinstance(item, dict):
+                raise err(f"{key}[{i}]", "mix of values and conditions; use a list of {filter, value}")
+            _check_setting(item, f"{key}[{i}]", err)
+        return
+    raise err(key, f"unsupported value {setting!r}")
+
+
+def _parameter_blocks(params: dict, slices: list[OutputSlice]):
+    yield "parameters", params
+    for i, s in enumerate(slices):
+        yield f"slices[{i}].parameters", s.parameters
+        for j, src in enumerate(s.sources):
+            yield f"slices[{i}].sources[{j}].parameters", src.parameters
+
+
+# ---------------------------------------------------------------------------
+# Parameter resolution: filters, gradients and precedence
+# ---------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def evaluate_setting(setting: Any, tensor_name: str, t: float, kind: type) -> Any:
+    """Resolve one parameter setting for a tensor at gradient position ``t`` in [0, 1].
+
+    Returns ``_MISSING`` when no condition matches. Numeric gradients interpolate
+    linearly between evenly spaced anchors; non-numeric lists pick the nearest lower.
+    """
+    if isinstance(setting, dict):
+        setting = [setting]
+    if _is_scalar(setting):
+        return _coerce(setting, kind)
+    if isinstance(setting, list):
+        if all(_is_scalar(v) for v in setting):
+            values = [_coerce(v, kind) for v in setting]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                return values[int(t * (len(values) - 1))]
+            pos = t * (len(values) - 1)
+            i0 = int(pos)
+            i1 = min(len(values) - 1, i0 + 1)
+            frac = pos - i0
+            return _coerce((1 - frac) * values[i0] + frac * values[i1], kind)
+        for cond in setting:
+            flt = cond.get("filter")
+            if flt is None or flt == "*" or (tensor_name and flt in tensor_name):
+                return evaluate_setting(cond["value"], tensor_name, t, kind)
+    return _MISSING
+
+
+def _coerce(v: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(v, str):
+            return v.strip().lower() in ("1", "true", "yes", "on")
+        return bool(v)
+    if kind is int and not isinstance(v, bool):
+        try:
+            return int(v) if float(v) == int(float(v)) else float(v)
+        except (TypeError, ValueError):
+            return v
+    if kind is float and isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+def resolve(param, scopes: list[dict], tensor_name: str, t: float) -> Any:
+    """First scope (highest precedence first) that sets ``param`` for this tensor wins."""
+    for scope in scopes:
+        if scope and param.name in scope:
+            value = evaluate_setting(scope[param.name], tensor_name, t, param.kind)
+            if value is not _MISSING and value is not None:
+                return value
+    return _MISSING
