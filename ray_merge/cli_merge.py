@@ -45,6 +45,11 @@ def add_parser(sub) -> None:
     methods = sub.add_parser("methods", help="list merge methods and their parameters")
     methods.set_defaults(func=cmd_methods)
 
+    demo = sub.add_parser("demo", help="build small local models and merge them with configs/demo.yml")
+    demo.add_argument("--workdir", default="demo_out", help="where the models and the merge go (default demo_out)")
+    demo.add_argument("--recipe", default=None, help="recipe with DEMO/ paths (default configs/demo.yml)")
+    demo.set_defaults(func=cmd_demo)
+
 
 def _options(args):
     from ray_merge.engine import MergeOptions
@@ -140,4 +145,48 @@ def cmd_methods(args) -> int:
             scope = "per model" if p.per_model else "global"
             default = "required" if p.default is REQUIRED else f"default {p.default!r}"
             print(f"    {p.name:<18} {scope:<9} {default:<16} {p.help}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The README's first command: a real merge end to end, no cluster, nothing downloaded."""
+    import os
+    import shutil
+
+    from ray_merge.engine import MergeOptions, run_merge
+    from ray_merge.errors import UserError
+    from ray_merge.fixtures import make_family
+    from ray_merge.recipe import recipe_from_conf
+
+    recipe_path = args.recipe or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                              "configs", "demo.yml")
+    if not os.path.isfile(recipe_path):
+        raise UserError("demo recipe not found; pass --recipe", source=recipe_path)
+    models = os.path.join(os.path.abspath(args.workdir), "models")
+    if not os.path.isdir(os.path.join(models, "llama_ft1")):
+        print(f"building demo models in {models} ...", file=sys.stderr)
+        make_family(models, "llama", n_finetunes=2, seed=0, hidden=128, layers=4, intermediate=344, heads=2,
+                    kv_heads=1, vocab=256)
+    from omegaconf import OmegaConf
+
+    text = open(recipe_path).read().replace("DEMO/", models + "/")
+    recipe = recipe_from_conf(OmegaConf.create(text), source=recipe_path)
+    out = os.path.join(os.path.abspath(args.workdir), "merged")
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    start = time.time()
+    plan = run_merge(recipe, out, MergeOptions(random_seed=0))
+    print(format_plan(plan))
+    print(f"merged {len(plan.tensors)} tensors in {time.time() - start:.1f}s -> {out}")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("w1 w2 w3 w4", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits
+    print(f"loaded with transformers: {type(model).__name__}, logits {tuple(logits.shape)}, "
+          f"next token after 'w1 w2 w3 w4': {tok.decode(logits[0, -1].argmax().item())!r}")
     return 0

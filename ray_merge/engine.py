@@ -43,17 +43,21 @@ def make_plan(recipe: Recipe, options: MergeOptions) -> Plan:
 ShardExecutor = Callable[..., list[ShardResult]]
 
 
-def run_in_process(plan: Plan, shards, stage: str, options: MergeOptions, on_shard, progress=None) -> list[ShardResult]:
-    budget = options.memory_budget or default_memory_budget()
+def check_budget(plan: Plan, options: MergeOptions) -> None:
+    """Fail before any work when a tensor cannot be merged within the memory budget."""
     from ray_merge.errors import UserError
 
-    for s in shards:
-        for pt in plan.shard_tensors(s):
-            if pt.working_bytes > budget:
-                raise UserError(
-                    f"tensor {pt.name} needs {pt.working_bytes / 2**30:.2f} GiB to merge, more than the "
-                    f"memory budget of {budget / 2**30:.2f} GiB"
-                )
+    budget = options.memory_budget or default_memory_budget()
+    for pt in plan.tensors:
+        if pt.working_bytes > budget:
+            raise UserError(
+                f"tensor {pt.name} needs {pt.working_bytes / 2**30:.2f} GiB to merge, more than the "
+                f"memory budget of {budget / 2**30:.2f} GiB"
+            )
+
+
+def run_in_process(plan: Plan, shards, stage: str, options: MergeOptions, on_shard, progress=None) -> list[ShardResult]:
+    budget = options.memory_budget or default_memory_budget()
     return write_shards(plan, shards, stage, device=options.device, memory_budget=budget,
                         on_tensor=(lambda pt: progress.update(pt.out_bytes)) if progress else None,
                         on_shard=on_shard)
@@ -65,6 +69,8 @@ def run_merge(recipe: Recipe, out_dir: str, options: MergeOptions,
     from tqdm.auto import tqdm
 
     plan = plan or make_plan(recipe, options)
+    executor = executor or run_in_process
+    getattr(executor, "preflight", check_budget)(plan, options)
     stage, done = prepare_output(out_dir, plan, resume=options.resume)
     records = dict(done)
     todo = [s for s in plan.shards if s.index not in done]
@@ -78,7 +84,7 @@ def run_merge(recipe: Recipe, out_dir: str, options: MergeOptions,
 
     total = sum(s.nbytes for s in todo)
     with tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=options.quiet) as bar:
-        (executor or run_in_process)(plan, todo, stage, options, on_shard, progress=bar)
+        executor(plan, todo, stage, options, on_shard, progress=bar)
     finalize(plan, stage, out_dir, records, copy_tokenizer=options.copy_tokenizer,
              write_model_card=options.write_model_card)
     return plan

@@ -3,19 +3,24 @@ from __future__ import annotations
 
 import torch
 
+from ray_merge.methods._common import finish, work_dtype
 from ray_merge.methods.base import MergeInputs, MergeMethod, Param, register
 
 
 def _linear(inp: MergeInputs) -> torch.Tensor:
-    weights = torch.tensor([p["weight"] for p in inp.model_params], dtype=inp.tensors[0].dtype)
-    out = torch.zeros_like(inp.tensors[0])
+    """Model soup: the weighted average of the models (weighted sum without
+    ``normalize``). Accumulates in float32 (float64 stays), like mergekit."""
+    first = inp.tensors[0]
+    dtype = work_dtype(first)
+    weights = [float(p["weight"]) for p in inp.model_params]
+    out = torch.zeros(first.shape, dtype=dtype)
     for w, t in zip(weights, inp.tensors):
-        out.add_(t, alpha=float(w))
+        out.add_(t, alpha=w)
     if inp.params["normalize"]:
-        total = float(weights.sum())
+        total = sum(weights)
         if total != 0:
             out.div_(total)
-    return out
+    return finish(out, first)
 
 
 def _passthrough(inp: MergeInputs) -> torch.Tensor:
@@ -48,6 +53,7 @@ register(
         params=(Param("scale", default=None, per_model=True, help="multiply the tensor by this"),),
         base_model="none",
         row_splittable=True,
+        max_inputs=1,
         pretty_name="Passthrough",
         description="copies tensors unchanged; used for frankenmerges with slices",
     )
