@@ -1,0 +1,247 @@
+"""Benchmark `ray-merge run` against `mergekit-yaml` on a ~1B-parameter Llama-shaped model.
+
+Builds (or reuses, under --cache) a base and three fine-tunes (bf16, sharded safetensors),
+then for each method runs mergekit and ray-merge in this same run and prints wall
+time, peak RSS (process tree, sampled) and the ratios.
+
+    python scripts/bench_merge.py                       # all methods, both tools
+    python scripts/bench_merge.py --methods linear,ties --memory-budget 2GiB
+    python scripts/bench_merge.py --workers 1,2         # ray-merge on Ray with N workers too
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# TinyLlama-like: 22 layers, hidden 2048, MLP 5632, vocab 32000 -> 1.10B parameters
+SHAPE = dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000)
+
+RECIPES = {
+    "linear": """
+merge_method: linear
+models:
+  - {{model: {c}/ft0, parameters: {{weight: 0.5}}}}
+  - {{model: {c}/ft1, parameters: {{weight: 0.3}}}}
+  - {{model: {c}/ft2, parameters: {{weight: 0.2}}}}
+dtype: bfloat16
+""",
+    "task_arithmetic": """
+merge_method: task_arithmetic
+base_model: {c}/base
+models:
+  - {{model: {c}/ft0, parameters: {{weight: 0.5}}}}
+  - {{model: {c}/ft1, parameters: {{weight: 0.3}}}}
+  - {{model: {c}/ft2, parameters: {{weight: 0.2}}}}
+dtype: bfloat16
+""",
+    "slerp": """
+merge_method: slerp
+base_model: {c}/ft0
+models:
+  - {{model: {c}/ft0}}
+  - {{model: {c}/ft1}}
+parameters: {{t: 0.4}}
+dtype: bfloat16
+""",
+    "ties": """
+merge_method: ties
+base_model: {c}/base
+models:
+  - {{model: {c}/ft0, parameters: {{weight: 0.5, density: 0.5}}}}
+  - {{model: {c}/ft1, parameters: {{weight: 0.3, density: 0.5}}}}
+  - {{model: {c}/ft2, parameters: {{weight: 0.2, density: 0.5}}}}
+dtype: bfloat16
+""",
+    "dare_ties": """
+merge_method: dare_ties
+base_model: {c}/base
+models:
+  - {{model: {c}/ft0, parameters: {{weight: 0.5, density: 0.5}}}}
+  - {{model: {c}/ft1, parameters: {{weight: 0.3, density: 0.5}}}}
+  - {{model: {c}/ft2, parameters: {{weight: 0.2, density: 0.5}}}}
+dtype: bfloat16
+""",
+}
+
+
+def llama_tensors(s: dict) -> list[tuple[str, tuple[int, ...]]]:
+    h, i, v = s["hidden"], s["intermediate"], s["vocab"]
+    kv = h // s["heads"] * s["kv_heads"]
+    out = [("model.embed_tokens.weight", (v, h))]
+    for l in range(s["layers"]):
+        p = f"model.layers.{l}."
+        out += [
+            (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+            (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
+            (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+            (p + "mlp.down_proj.weight", (h, i)),
+            (p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
+        ]
+    out += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+    return out
+
+
+def build_models(cache: str) -> None:
+    """Base: random bf16 weights; fine-tunes: base + small seeded noise. Written as ~1 GB shards."""
+    from safetensors.torch import save_file
+
+    from ray_merge.fixtures import save_tokenizer
+
+    names = ["base", "ft0", "ft1", "ft2"]
+    if all(os.path.exists(os.path.join(cache, n, "config.json")) for n in names):
+        return
+    s = SHAPE
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": s["hidden"],
+        "intermediate_size": s["intermediate"], "num_hidden_layers": s["layers"],
+        "num_attention_heads": s["heads"], "num_key_value_heads": s["kv_heads"], "vocab_size": s["vocab"],
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16",
+        "tie_word_embeddings": False, "hidden_act": "silu", "rope_theta": 10000.0,
+    }
+    spec = llama_tensors(s)
+    total = sum(torch.Size(sh).numel() for _, sh in spec)
+    print(f"building 4 models of {total / 1e9:.2f}B parameters in {cache} ...", file=sys.stderr)
+    for k, name in enumerate(names):
+        d = os.path.join(cache, name)
+        tmp = d + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        g = torch.Generator().manual_seed(1000)  # same base draw for every model
+        gn = torch.Generator().manual_seed(2000 + k)
+        shard, shard_bytes, files, weight_map = {}, 0, [], {}
+
+        def flush():
+            nonlocal shard, shard_bytes
+            if shard:
+                fn = f"model-{len(files) + 1:05d}.safetensors"
+                save_file(shard, os.path.join(tmp, fn), metadata={"format": "pt"})
+                files.append(fn)
+                for t in shard:
+                    weight_map[t] = fn
+                shard, shard_bytes = {}, 0
+
+        for tname, shape in spec:
+            if len(shape) == 1:
+                t = torch.ones(shape)
+            else:
+                t = torch.randn(shape, generator=g) * 0.02
+            if k > 0:
+                t += torch.randn(shape, generator=gn) * 0.002
+            shard[tname] = t.to(torch.bfloat16)
+            shard_bytes += t.numel() * 2
+            if shard_bytes > 1_000_000_000:
+                flush()
+        flush()
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total * 2}, "weight_map": weight_map}, f)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        save_tokenizer(tmp)
+        os.replace(tmp, d)
+        print(f"  {name} done", file=sys.stderr)
+
+
+def warm_page_cache(cache: str) -> None:
+    for root, _, files in os.walk(cache):
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                while fh.read(1 << 26):
+                    pass
+
+
+def measure(cmd: list[str], env: dict) -> tuple[float, float, int]:
+    """Run a command; return (wall seconds, peak RSS of its process tree in GB, exit code)."""
+    start = time.time()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        p = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                procs = [p] + p.children(recursive=True)
+                rss = sum(x.memory_info().rss for x in procs if x.is_running())
+                peak = max(peak, rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    _, err = proc.communicate()
+    done.set()
+    th.join()
+    wall = time.time() - start
+    if proc.returncode != 0:
+        print(f"  FAILED ({proc.returncode}): {' '.join(cmd)}\n{err[-2000:]}", file=sys.stderr)
+    return wall, peak / 1e9, proc.returncode
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", default=os.path.join(REPO, "bench_cache"))
+    ap.add_argument("--methods", default=",".join(RECIPES))
+    ap.add_argument("--mergekit", default=os.path.join(os.environ.get("MERGEKIT_VENV", os.path.join(REPO, ".venv-mergekit")),
+                                                       "bin", "mergekit-yaml"))
+    ap.add_argument("--no-mergekit", action="store_true", help="time ray-merge only")
+    ap.add_argument("--memory-budget", default=None, help="pass --memory-budget to ray-merge")
+    ap.add_argument("--workers", default="", help="also run ray-merge with --workers N for each N (e.g. 1,2)")
+    args = ap.parse_args()
+
+    models = os.path.join(args.cache, "models")
+    build_models(models)
+    warm_page_cache(models)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    work = os.path.join(args.cache, "runs")
+    os.makedirs(work, exist_ok=True)
+    rows = []
+    for method in args.methods.split(","):
+        recipe = os.path.join(work, f"{method}.yml")
+        with open(recipe, "w") as f:
+            f.write(RECIPES[method].format(c=models))
+        variants = [("ray-merge", [])]
+        variants += [(f"ray-merge --workers {n}", ["--workers", n]) for n in args.workers.split(",") if n]
+        results = {}
+        if not args.no_mergekit:
+            out = os.path.join(work, f"mk_{method}")
+            shutil.rmtree(out, ignore_errors=True)
+            results["mergekit"] = measure([args.mergekit, recipe, out, "--random-seed", "0"], env)
+            shutil.rmtree(out, ignore_errors=True)
+        for label, extra in variants:
+            out = os.path.join(work, f"rm_{method}")
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [sys.executable, "-m", "ray_merge.cli", "run", recipe, out, "--random-seed", "0", "--quiet", *extra]
+            if args.memory_budget:
+                cmd += ["--memory-budget", args.memory_budget]
+            results[label] = measure(cmd, env)
+            shutil.rmtree(out, ignore_errors=True)
+        rows.append((method, results))
+        for label, (wall, rss, rc) in results.items():
+            print(f"{method:16s} {label:24s} {wall:7.1f} s  {rss:5.2f} GB peak RSS  rc={rc}", flush=True)
+
+    print()
+    print("| method | tool | wall (s) | peak RSS (GB) | speed-up vs mergekit | RSS vs mergekit |")
+    print("|---|---|---|---|---|---|")
+    for method, results in rows:
+        mk = results.get("mergekit")
+        for label, (wall, rss, rc) in results.items():
+            speed = f"{mk[0] / wall:.1f}x" if mk and label != "mergekit" and rc == 0 else ""
+            mem = f"{rss / mk[1]:.2f}" if mk and label != "mergekit" and rc == 0 and mk[1] else ""
+            print(f"| {method} | {label} | {wall:.1f} | {rss:.2f} | {speed} | {mem} |")
+
+
+if __name__ == "__main__":
+    main()
