@@ -15,6 +15,8 @@ from ray_merge.errors import UserError
 
 SUBCOMMANDS = [
     "ray_merge.cli_merge",  # run, plan, methods
+    "ray_merge.cli_cluster",  # submit, status, logs, stop (a merge as a Ray job)
+    "ray_merge.cli_tools",  # extract-lora, moe, multi
 ]
 
 

@@ -25,9 +25,10 @@ def add_merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def add_parser(sub) -> None:
-    run = sub.add_parser("run", help="run a merge recipe")
-    add_merge_options(run)
+def add_run_options(run: argparse.ArgumentParser) -> None:
+    """`run`'s own options (after add_merge_options); `submit` forwards them to the job's `run`."""
+    from ray_merge.distributed import add_worker_options
+
     run.add_argument("out", help="output directory (written under a temporary name, renamed when complete)")
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cpu)")
     run.add_argument("--cuda", action="store_true", help="same as --device cuda")
@@ -36,10 +37,20 @@ def add_parser(sub) -> None:
     run.add_argument("--resume", action="store_true", help="finish an interrupted merge, keeping finished shards")
     for flag in ("--lazy-unpickle", "--low-cpu-memory", "--read-to-gpu", "--async-write"):
         run.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    add_worker_options(run)
+
+
+def add_parser(sub) -> None:
+    from ray_merge.distributed import add_worker_options
+
+    run = sub.add_parser("run", help="run a merge recipe")
+    add_merge_options(run)
+    add_run_options(run)
     run.set_defaults(func=cmd_run)
 
     plan = sub.add_parser("plan", help="show what a recipe will do, without reading tensors")
     add_merge_options(plan)
+    add_worker_options(plan)
     plan.set_defaults(func=cmd_plan)
 
     methods = sub.add_parser("methods", help="list merge methods and their parameters")
@@ -90,8 +101,15 @@ def cmd_run(args) -> int:
     options = _options(args)
     _check_device(options.device)
     recipe = load_recipe(args.recipe, args.overrides)
+    executor = None
+    if getattr(args, "workers", None) or getattr(args, "address", None):  # on Ray: ray_merge/distributed.py
+        from ray_merge.distributed import executor_from_args
+
+        executor = executor_from_args(args)
     start = time.time()
-    plan = run_merge(recipe, args.out, options)
+    plan = run_merge(recipe, args.out, options, executor=executor)
+    if executor is not None and args.verbose and executor.slots:
+        print(executor.format_stats(), file=sys.stderr)
     if not args.quiet:
         print(f"wrote {len(plan.tensors)} tensors in {len(plan.shards)} shard(s) to {args.out} "
               f"in {time.time() - start:.1f}s", file=sys.stderr)
@@ -103,8 +121,13 @@ def cmd_plan(args) -> int:
     from ray_merge.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    plan = make_plan(recipe, _options(args))
+    options = _options(args)
+    plan = make_plan(recipe, options)
     print(format_plan(plan))
+    if getattr(args, "workers", None) or getattr(args, "address", None):
+        from ray_merge.distributed import plan_assignment
+
+        print(plan_assignment(plan, args, options))
     return 0
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -13,6 +15,8 @@ from ray_merge.plan import DEFAULT_SHARD_BYTES, Plan, plan_recipe
 from ray_merge.recipe import Recipe
 
 log = logging.getLogger("ray_merge")
+# Ray workers write each shard under <staging>/ATTEMPTS_DIR, then rename it into place.
+ATTEMPTS_DIR = ".ray-merge-attempts"
 
 
 @dataclass
@@ -45,15 +49,10 @@ ShardExecutor = Callable[..., list[ShardResult]]
 
 def check_budget(plan: Plan, options: MergeOptions) -> None:
     """Fail before any work when a tensor cannot be merged within the memory budget."""
-    from ray_merge.errors import UserError
+    from ray_merge.executor import check_memory
 
-    budget = options.memory_budget or default_memory_budget()
-    for pt in plan.tensors:
-        if pt.working_bytes > budget:
-            raise UserError(
-                f"tensor {pt.name} needs {pt.working_bytes / 2**30:.2f} GiB to merge, more than the "
-                f"memory budget of {budget / 2**30:.2f} GiB"
-            )
+    # tensors over the budget are merged in row chunks where the method allows it
+    check_memory(plan, plan.shards, options.memory_budget or default_memory_budget())
 
 
 def run_in_process(plan: Plan, shards, stage: str, options: MergeOptions, on_shard, progress=None) -> list[ShardResult]:
@@ -85,6 +84,12 @@ def run_merge(recipe: Recipe, out_dir: str, options: MergeOptions,
     total = sum(s.nbytes for s in todo)
     with tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=options.quiet) as bar:
         executor(plan, todo, stage, options, on_shard, progress=bar)
+    # an executor may say how it ran (the Ray executor: per-worker stats) for the manifest
+    extra = getattr(executor, "manifest_extra", None)
+    shutil.rmtree(os.path.join(stage, ATTEMPTS_DIR), ignore_errors=True)
+    from ray_merge.vocab import tokenizer_writer
+
     finalize(plan, stage, out_dir, records, copy_tokenizer=options.copy_tokenizer,
-             write_model_card=options.write_model_card)
+             write_model_card=options.write_model_card, extra_manifest=extra() if callable(extra) else extra,
+             tokenizer_writer=tokenizer_writer(plan, options.copy_tokenizer))
     return plan

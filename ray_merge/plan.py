@@ -59,6 +59,7 @@ class PlannedTensor:
     method: str
     working_bytes: int  # peak memory to compute it (inputs + temporaries + output)
     shard: int = -1
+    row_remap: Optional[object] = None  # vocab.RowRemap: rows remapped to the output vocabulary
 
     @property
     def out_bytes(self) -> int:
@@ -97,6 +98,7 @@ class Plan:
     donor: int  # index of the model whose config / tokenizer / extra files are used
     seed: Optional[int] = None
     notes: list[str] = field(default_factory=list)
+    tokenizer: Optional[object] = None  # vocab.TokenizerPlan: tokenizer files / chat template to write
 
     def tensor(self, name: str) -> PlannedTensor:
         return self._by_name[name]
@@ -151,6 +153,7 @@ class Planner:
         self.seed = seed
         self._meta: dict[ModelRef, _ModelMeta] = {}
         self._order: list[ModelRef] = []
+        self.vocab = None  # vocab.VocabPlanner when the recipe sets tokenizer / chat_template
 
     # -- model metadata ---------------------------------------------------
     def meta(self, ref: ModelRef) -> _ModelMeta:
@@ -178,6 +181,10 @@ class Planner:
 
         donor_ref = recipe.base_model or slices[0].sources[0].model
         donor = self.meta(donor_ref)
+        from ray_merge.vocab import vocab_planner
+
+        self.vocab = vocab_planner(recipe, [(str(r), self._meta[r].path, self._meta[r].config) for r in self._order],
+                                   self._order.index(donor_ref))
         tensors: list[PlannedTensor] = []
 
         # Tensors outside the layers: embeddings from the first slice, the rest from the last.
@@ -210,6 +217,8 @@ class Planner:
                 tensors.append(pt)
 
         out_config = self._out_config(donor, out_layer)
+        if self.vocab is not None:
+            self.vocab.update_config(out_config)
         shards = self._shard(tensors)
         models = [InputModel(str(r), self._meta[r].path) for r in self._order]
         return Plan(
@@ -221,6 +230,7 @@ class Planner:
             out_config=out_config,
             donor=self._order.index(donor_ref),
             seed=self.seed,
+            tokenizer=self.vocab.plan if self.vocab is not None else None,
         )
 
     def _normalized_slices(self) -> list[OutputSlice]:
@@ -283,10 +293,15 @@ class Planner:
         if not metas:
             return None  # an optional tensor (e.g. a tied lm_head) nobody has
         shapes = {tm.shape for _, _, tm in metas}
-        if len(shapes) > 1:
+        vocab_rows = self.vocab is not None and self.vocab.is_vocab_tensor(out_name, shapes)
+        if vocab_rows:  # rows are remapped to the output vocabulary; the widths must agree
+            self.vocab.check_shapes(out_name, metas)
+        elif len(shapes) > 1:
+            from ray_merge.vocab import shape_mismatch_hint
+
             desc = ", ".join(f"{ref}: {list(tm.shape)}" for ref, _, tm in metas)
-            raise UserError(f"tensor {out_name} has different shapes across models ({desc})",
-                            source=recipe.source)
+            raise UserError(f"tensor {out_name} has different shapes across models ({desc})"
+                            f"{shape_mismatch_hint(out_name)}", source=recipe.source)
 
         method = self.method
         base_index = None
@@ -303,7 +318,7 @@ class Planner:
         params = {}
         for p in method.global_params:
             v = resolve(p, shared_scopes, out_name, t)
-            params[p.name] = self._default(p, v, out_name, None)
+            params[p.name] = self._default(p, v, out_name, None, is_base=False)
         model_params = []
         for i, (ref, in_name, _) in enumerate(metas):
             src_params = next((s.parameters for s in sl.sources if s.model == ref), {})
@@ -311,7 +326,7 @@ class Planner:
             mp = {}
             for p in method.model_params:
                 v = resolve(p, scopes, in_name, t)
-                mp[p.name] = self._default(p, v, in_name, None if i == base_index else ref)
+                mp[p.name] = self._default(p, v, in_name, ref, is_base=i == base_index)
             model_params.append(mp)
 
         first_dtype = metas[0][2].dtype
@@ -320,6 +335,9 @@ class Planner:
         if non_float:
             compute = None
         out_dtype = recipe.out_dtype or compute or dtype_name(first_dtype)
+        half_result = method.extra.get("half_result_dtype")
+        if half_result and not recipe.out_dtype and out_dtype in ("float16", "bfloat16"):
+            out_dtype = half_result  # mergekit writes what such a method returns
         if non_float:
             out_dtype = dtype_name(first_dtype)
         shape = metas[0][2].shape
@@ -328,8 +346,10 @@ class Planner:
             numel *= d
         compute_itemsize = DTYPE_BY_NAME[compute].itemsize if compute else first_dtype.itemsize
         in_bytes = sum(tm.numel * tm.dtype.itemsize for _, _, tm in metas)
-        work = in_bytes + numel * compute_itemsize * (len(metas) + method.extra.get("workspace_tensors", 2))
-        return PlannedTensor(
+        temporaries = (len(metas) * (1 + method.extra.get("workspace_per_input", 0))
+                       + method.extra.get("workspace_tensors", 2))
+        work = in_bytes + numel * compute_itemsize * temporaries
+        pt = PlannedTensor(
             name=out_name,
             shape=tuple(shape),
             out_dtype=out_dtype,
@@ -342,17 +362,20 @@ class Planner:
             method=method.name if not non_float else "passthrough_buffer",
             working_bytes=int(work),
         )
+        if vocab_rows:
+            self.vocab.attach(pt, method)
+        return pt
 
-    def _default(self, p, value, tensor: str, model: Optional[ModelRef]):
+    def _default(self, p, value, tensor: str, model: Optional[ModelRef], *, is_base: bool):
         from ray_merge.recipe import _MISSING
 
         if value is not _MISSING:
             return value
         if p.required:
-            if model is None:
-                # the base model needs no per-model value of its own
-                return None
-            raise UserError(f"missing required parameter {p.name!r} for model {model} (tensor {tensor})",
+            if is_base and p.non_base:
+                return None  # e.g. a task vector's weight: the base has no task vector
+            where = f"model {model}" if model is not None else "the recipe's parameters"
+            raise UserError(f"missing required parameter {p.name!r} for {where} (tensor {tensor})",
                             source=self.recipe.source)
         return p.default
 

@@ -264,7 +264,7 @@ def _validate(data: dict, source: str) -> Recipe:
     if chat_template is not None and not isinstance(chat_template, str):
         raise err("chat_template", "must be a string")
 
-    return Recipe(
+    recipe = Recipe(
         merge_method=method.name,
         slices=slices,
         from_models=has_models,
@@ -278,6 +278,10 @@ def _validate(data: dict, source: str) -> Recipe:
         source=source,
         raw=data,
     )
+    from ray_merge.vocab import check_recipe
+
+    check_recipe(recipe, err)  # the tokenizer block and the chat template (rendered in a sandbox)
+    return recipe
 
 
 def _no_unknown(d: dict, allowed: set, key: str, err) -> None:

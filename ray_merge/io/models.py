@@ -165,6 +165,13 @@ class WeightReader:
 
     def read(self, name: str) -> torch.Tensor:
         meta = self.index[name]
+        if meta.file.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            # A fresh mapping per read: the file's pages are unmapped after the copy, so they don't
+            # pile up in the process's RSS over a long merge (the header parse costs microseconds).
+            with safe_open(meta.file, framework="pt", device="cpu") as h:
+                return h.get_tensor(name)
         h = self._handle(meta.file)
         if isinstance(h, dict):
             return h[name]

@@ -8,7 +8,7 @@ them back with the safetensors library in the tests.
 """
 from __future__ import annotations
 
-import hashlib
+import xxhash
 import json
 import os
 from typing import Iterable
@@ -46,7 +46,7 @@ class ShardWriter:
         raw += b" " * (-len(raw) % 8)
         self._expected = [(name, tuple(shape), dtype) for name, shape, dtype in self._layout]
         self._next = 0
-        self._hash = hashlib.sha256()
+        self._hash = xxhash.xxh3_128()  # fast enough to checksum at write speed
         self._file = open(self.tmp_path, "wb")
         self._emit(len(raw).to_bytes(8, "little") + raw)
         self.total_bytes = 8 + len(raw) + offset
@@ -64,11 +64,30 @@ class ShardWriter:
             )
         t = tensor.detach().to("cpu").contiguous()
         if t.numel():
-            self._emit(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+            self._emit(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         self._next += 1
 
+    def write_rows(self, name: str, rows: torch.Tensor) -> None:
+        """Write the next rows of tensor ``name`` (a tensor merged in row chunks, in order)."""
+        exp_name, exp_shape, exp_dtype = self._expected[self._next]
+        done = getattr(self, "_rows_done", 0)
+        if (name != exp_name or tuple(rows.shape[1:]) != exp_shape[1:] or str(rows.dtype) != f"torch.{exp_dtype}"
+                or done + rows.shape[0] > exp_shape[0]):
+            raise RuntimeError(
+                f"shard writer expected rows {done}.. of {exp_name} {exp_shape} {exp_dtype}, got {name} "
+                f"{tuple(rows.shape)} {rows.dtype}"
+            )
+        t = rows.detach().to("cpu").contiguous()
+        if t.numel():
+            self._emit(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        done += rows.shape[0]
+        if done == exp_shape[0]:
+            self._next += 1
+            done = 0
+        self._rows_done = done
+
     def close(self) -> str:
-        """Finish the file, rename it into place, return its sha256."""
+        """Finish the file, rename it into place, return its checksum (xxh3-128, hex)."""
         if self._next != len(self._expected):
             raise RuntimeError(f"shard {self.path}: {len(self._expected) - self._next} tensors never written")
         self._file.close()
@@ -83,8 +102,9 @@ class ShardWriter:
                 os.remove(self.tmp_path)
 
 
-def sha256_file(path: str, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
+def checksum_file(path: str, chunk: int = 1 << 24) -> str:
+    """The same checksum ShardWriter returns, computed from a file on disk."""
+    h = xxhash.xxh3_128()
     with open(path, "rb") as f:
         while True:
             b = f.read(chunk)

@@ -1,28 +1,55 @@
 """Order statistics in linear time, for magnitude-based sparsification.
 
 mergekit ranks a tensor's elements by sorting all of them (O(n log n)); a merge
-only needs the boundary values. Here a k-th smallest value is found with one
+only needs the boundary values. Here a k-th smallest value is found with a
 radix pass: the top 16 bits of an IEEE float, read as an order-preserving
 integer, are counted with ``bincount``; the bin holding rank k is the only one
-that needs an exact ``kthvalue``, and it is small (about 1/128 of an octave).
+that needs an exact ``kthvalue``, and it is small (1/128 of an octave).
 
-Elements tied with a boundary value are kept or dropped in index order, which is
-deterministic but not the (implementation-defined) order mergekit's unstable sort
-gives them. ``EXACT_SELECTION_MAX_NUMEL`` sets the size up to which callers use
-the same sort mergekit does instead, so small tensors reproduce its choice among
-ties exactly; on larger tensors a sort costs 10x more than the selection.
+Values arrive as a stream of chunks (``chunks()`` returns a fresh iterable of
+flat float32/float64 tensors each time it is called, in index order), so a task
+vector never has to be materialised: each pass recomputes its chunks in cache.
+
+Elements tied with a boundary value are ranked in index order (a stable sort),
+which is deterministic but not the implementation-defined order of mergekit's
+unstable sort. Up to ``EXACT_SELECTION_MAX_NUMEL`` elements, callers rank with
+the same sort mergekit does instead, so small tensors reproduce its choice
+among ties exactly; on larger tensors a sort costs 10x more than the selection.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
 
 import torch
 
-# Tensors up to this many elements are ranked with mergekit's own sort.
-EXACT_SELECTION_MAX_NUMEL = 1 << 16
+# Tensors up to this many elements are ranked with mergekit's own sort. Set
+# RAY_MERGE_EXACT_SELECTION_MAX_NUMEL (read at import, so it reaches Ray
+# workers through their environment) to trade speed for mergekit's tie order on
+# larger tensors too.
+EXACT_SELECTION_MAX_NUMEL = int(os.environ.get("RAY_MERGE_EXACT_SELECTION_MAX_NUMEL", 1 << 16))
+
+# Elements per chunk when streaming: a few chunks of every input fit in cache,
+# and each op stays below torch's parallel grain (32768), so it runs on one
+# thread without OpenMP barriers, which stall badly when cores are shared.
+CHUNK = 1 << 15
 
 _HIST_BITS = 16
 _DIRECT_KTHVALUE_NUMEL = 1 << 17
+
+Chunks = Callable[[], Iterable[torch.Tensor]]
+
+
+def use_mergekit_sort(numel: int) -> bool:
+    """Whether to rank a tensor of ``numel`` elements with mergekit's own sort."""
+    return numel <= EXACT_SELECTION_MAX_NUMEL
+
+
+def split(x: torch.Tensor, size: int = CHUNK) -> Chunks:
+    """The chunks of a flat tensor, as views."""
+    x = x.reshape(-1)
+    return lambda: (x[s : s + size] for s in range(0, x.numel(), size))
 
 
 @dataclass(frozen=True)
@@ -34,7 +61,7 @@ class OrderStat:
     n_less_equal: int  # elements smaller than or equal to value
 
 
-def _radix_keys(x: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, int]:
+def _radix_bins(x: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, int]:
     """Histogram bins (non-negative ints) that order like x, and how many there are."""
     if x.dtype == torch.float32:
         bits, width = x.view(torch.int32), 32
@@ -48,103 +75,136 @@ def _radix_keys(x: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, int]:
         return torch.bitwise_right_shift(bits, shift), 1 << (_HIST_BITS - 1)
     # Negative floats order backwards: flip their magnitude bits.
     sign = torch.bitwise_right_shift(bits, width - 1)
-    magnitude_bits = (1 << (width - 1)) - 1
-    keys = torch.bitwise_xor(bits, torch.bitwise_and(sign, magnitude_bits))
-    bins = torch.bitwise_right_shift(keys, shift).add_(1 << (_HIST_BITS - 1))
-    return bins, 1 << _HIST_BITS
+    keys = torch.bitwise_xor(bits, torch.bitwise_and(sign, (1 << (width - 1)) - 1))
+    return torch.bitwise_right_shift(keys, shift).add_(1 << (_HIST_BITS - 1)), 1 << _HIST_BITS
 
 
-def kth_smallest(x: torch.Tensor, ranks: list[int], nonnegative: bool = False) -> list[OrderStat]:
-    """Order statistics of a flat float32/float64 tensor for 1-based ``ranks``.
+def _exact(values: torch.Tensor, k: int, below: int = 0) -> OrderStat:
+    v = values.kthvalue(k).values
+    return OrderStat(float(v), below + int((values < v).sum()), below + int((values <= v).sum()))
 
-    Pass ``nonnegative=True`` when every element is >= 0 (e.g. absolute values):
-    it skips the sign handling. NaNs are not supported.
+
+def order_stats(
+    chunks: Chunks, n: int, ranks: list[int], nonnegative: bool = False
+) -> list[OrderStat]:
+    """Order statistics for the 1-based ``ranks`` of the ``n`` streamed values.
+
+    Pass ``nonnegative=True`` when every value is >= 0 (e.g. magnitudes): it
+    skips the sign handling. NaNs are not supported.
     """
-    x = x.reshape(-1)
-    n = x.numel()
     for k in ranks:
         if not 1 <= k <= n:
             raise ValueError(f"rank {k} out of range for {n} elements")
     if n <= _DIRECT_KTHVALUE_NUMEL:
-        out = []
-        for k in ranks:
-            v = x.kthvalue(k).values
-            out.append(OrderStat(float(v), int((x < v).sum()), int((x <= v).sum())))
-        return out
-    x = x.contiguous()
-    bins, n_bins = _radix_keys(x, nonnegative)
-    counts = torch.bincount(bins, minlength=n_bins)
+        values = torch.cat([c.reshape(-1) for c in chunks()])
+        return [_exact(values, k) for k in ranks]
+    counts = None
+    for c in chunks():
+        bins, n_bins = _radix_bins(c, nonnegative)
+        h = torch.bincount(bins, minlength=n_bins)
+        counts = h if counts is None else counts.add_(h)
     cumulative = counts.cumsum(0)
-    out = []
+    where = {}  # rank -> (bin, elements in lower bins)
     for k in ranks:
         b = int(torch.searchsorted(cumulative, k))
-        below = int(cumulative[b - 1]) if b > 0 else 0
-        candidates = x[bins == b]
-        v = candidates.kthvalue(k - below).values
-        out.append(
-            OrderStat(
-                float(v),
-                below + int((candidates < v).sum()),
-                below + int((candidates <= v).sum()),
-            )
-        )
+        where[k] = (b, int(cumulative[b - 1]) if b > 0 else 0)
+    wanted = sorted({b for b, _ in where.values()})
+    found: dict[int, list[torch.Tensor]] = {b: [] for b in wanted}
+    for c in chunks():
+        bins, _ = _radix_bins(c, nonnegative)
+        for b in wanted:
+            found[b].append(c[bins == b])
+    candidates = {b: torch.cat(v) for b, v in found.items()}
+    out = []
+    for k in ranks:
+        b, below = where[k]
+        out.append(_exact(candidates[b], k - below, below))
     return out
 
 
-def rank_range_mask(x: torch.Tensor, lo: int, hi: int, nonnegative: bool = False) -> torch.Tensor:
-    """Boolean mask of the elements whose ascending rank lies in ``[lo, hi)``.
+def kth_smallest(x: torch.Tensor, ranks: list[int], nonnegative: bool = False) -> list[OrderStat]:
+    """Order statistics of a float32/float64 tensor for 1-based ``ranks``."""
+    return order_stats(split(x), x.numel(), ranks, nonnegative)
 
-    Ranks are those of a stable sort: equal values are ranked in index order.
-    ``x`` is flat float32/float64; the mask has its shape.
+
+def nth_index_of(chunks: Chunks, value: float, ordinal: int, n: int) -> int:
+    """Flat index of the ``ordinal``-th (0-based) element equal to ``value``, or n."""
+    seen = start = 0
+    for c in chunks():
+        hits = c == value
+        count = int(hits.sum())
+        if seen + count > ordinal:
+            return start + int(hits.nonzero()[ordinal - seen])
+        seen += count
+        start += c.numel()
+    return n
+
+
+@dataclass(frozen=True)
+class RankRange:
+    """The elements whose ascending rank (ties in index order) lies in [lo, hi).
+
+    ``lower = (v, cut)`` keeps x > v, and x == v at flat index >= cut;
+    ``upper = (v, cut)`` keeps x < v, and x == v at flat index < cut.
+    A missing bound keeps everything on that side.
     """
-    x = x.reshape(-1)
-    n = x.numel()
+
+    lower: Optional[tuple[float, int]]
+    upper: Optional[tuple[float, int]]
+    empty: bool = False
+
+    def mask(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """The selection among ``x``, the chunk of values starting at flat index ``start``."""
+        x = x.reshape(-1)
+        n = x.numel()
+        if self.empty:
+            return torch.zeros(n, dtype=torch.bool)
+        keep = None
+        if self.lower is not None:
+            v, cut = self.lower
+            keep = x > v
+            k = min(max(cut - start, 0), n)
+            if k < n:
+                keep[k:] |= x[k:] == v
+        if self.upper is not None:
+            v, cut = self.upper
+            below = x < v
+            k = min(max(cut - start, 0), n)
+            if k > 0:
+                below[:k] |= x[:k] == v
+            keep = below if keep is None else keep.logical_and_(below)
+        return torch.ones(n, dtype=torch.bool) if keep is None else keep
+
+
+def rank_range(chunks: Chunks, n: int, lo: int, hi: int, nonnegative: bool = False) -> RankRange:
+    """Select ascending ranks ``[lo, hi)`` of the ``n`` streamed values."""
     lo, hi = max(lo, 0), min(hi, n)
     if lo >= hi:
-        return torch.zeros(n, dtype=torch.bool)
-    if lo == 0 and hi == n:
-        return torch.ones(n, dtype=torch.bool)
+        return RankRange(None, None, empty=True)
     wanted = ([lo + 1] if lo > 0 else []) + ([hi] if hi < n else [])
-    stats = kth_smallest(x, wanted, nonnegative=nonnegative)
-    mask = None
-    # For each boundary value: the range of positions, counted among the
-    # elements equal to it in index order, that fall inside [lo, hi).
-    tie_ranges: dict[float, tuple[OrderStat, int, int]] = {}
+    stats = order_stats(chunks, n, wanted, nonnegative) if wanted else []
+    lower = upper = None
     if lo > 0:
         s = stats.pop(0)
-        mask = x >= s.value
-        tie_ranges[s.value] = (s, lo - s.n_less, s.n_less_equal - s.n_less)
+        # Ties with v occupy ranks [n_less, n_less_equal); keep those from rank lo on.
+        ordinal = lo - s.n_less
+        lower = (s.value, 0 if ordinal == 0 else nth_index_of(chunks, s.value, ordinal, n))
     if hi < n:
         s = stats.pop(0)
-        upper = x <= s.value
-        mask = upper if mask is None else mask.logical_and_(upper)
-        start, stop = 0, hi - s.n_less
-        if s.value in tie_ranges:
-            _, prev_start, prev_stop = tie_ranges[s.value]
-            start, stop = max(start, prev_start), min(stop, prev_stop)
-        tie_ranges[s.value] = (s, start, stop)
-    for value, (s, start, stop) in tie_ranges.items():
+        # Keep the ties ranked below hi: the first hi - n_less of them.
+        ordinal = hi - s.n_less
         group = s.n_less_equal - s.n_less
-        if start <= 0 and stop >= group:
-            continue  # every element equal to the boundary value is inside
-        ties = (x == value).nonzero().squeeze(1)
-        mask[ties[: max(start, 0)]] = False
-        mask[ties[max(stop, 0):]] = False
-    return mask
+        upper = (s.value, n if ordinal >= group else nth_index_of(chunks, s.value, ordinal, n))
+    return RankRange(lower, upper)
+
+
+def rank_range_mask(x: torch.Tensor, lo: int, hi: int, nonnegative: bool = False) -> torch.Tensor:
+    """Boolean mask of the elements of flat ``x`` with ascending rank in ``[lo, hi)``
+    (a stable sort's ranks: equal values rank in index order)."""
+    return rank_range(split(x), x.numel(), lo, hi, nonnegative).mask(x)
 
 
 def top_k_mask(x: torch.Tensor, k: int, nonnegative: bool = False) -> torch.Tensor:
-    """Mask of the k largest elements of flat ``x`` (ties: lowest indices win)."""
+    """Mask of the k largest elements of flat ``x`` (of tied ones, the last in index order)."""
     n = x.numel()
-    if k <= 0:
-        return torch.zeros(n, dtype=torch.bool)
-    # The boundary is the k-th largest value; of the elements tied with it,
-    # the ones with the lowest indices fill the remaining places.
-    stat = kth_smallest(x, [n - k + 1], nonnegative=nonnegative)[0]
-    n_greater = n - stat.n_less_equal
-    mask = x.reshape(-1) >= stat.value
-    extra = (n - stat.n_less) - k  # ties beyond the k we want
-    if extra > 0:
-        ties = (x.reshape(-1) == stat.value).nonzero().squeeze(1)
-        mask[ties[k - n_greater:]] = False
-    return mask
+    return rank_range_mask(x, n - k, n, nonnegative)

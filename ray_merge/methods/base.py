@@ -79,6 +79,12 @@ class MergeMethod:
         chunks with identical results.
     min_inputs / max_inputs: how many tensors (base included) the method takes.
     min_non_base / max_non_base: how many of them must be non-base models.
+    extra: free-form facts for the planner: "workspace_tensors" and
+        "workspace_per_input" estimate a method's full-size temporaries (in
+        tensors of the compute dtype: fixed + per input model);
+        "half_result_dtype" is the dtype the method returns for half-precision
+        inputs when that differs from the inputs' (mergekit writes it when the
+        recipe sets no out_dtype).
     missing_tensor_policy: what to do with an optional weight (e.g. a tied
         ``lm_head``) that only some inputs have, as mergekit does:
         "error"; "passthrough_singleton" (exactly one input has it: copy it);

@@ -24,6 +24,7 @@ def _linear(inp: MergeInputs) -> torch.Tensor:
 
 
 def _passthrough(inp: MergeInputs) -> torch.Tensor:
+    """Copy the single input tensor, optionally multiplied by ``scale``."""
     if len(inp.tensors) != 1:
         raise ValueError("passthrough takes exactly one input model per slice")
     scale = inp.model_params[0].get("scale")
@@ -43,6 +44,7 @@ register(
         row_splittable=True,
         pretty_name="Linear",
         reference_url="https://arxiv.org/abs/2203.05482",
+        extra={"workspace_tensors": 2, "workspace_per_input": 0},
     )
 )
 
@@ -56,5 +58,6 @@ register(
         max_inputs=1,
         pretty_name="Passthrough",
         description="copies tensors unchanged; used for frankenmerges with slices",
+        extra={"workspace_tensors": 1, "workspace_per_input": 0},
     )
 )

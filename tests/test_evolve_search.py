@@ -1,0 +1,176 @@
+"""Evolutionary search end to end on the CPU demo models: Ray evaluators, lm-eval, storage, resume, failures.
+
+The demo models (scripts/make_demo_models.py) are built once into $RAY_MERGE_DEMO_MODELS, or demo_models/
+in the repository (a few CPU minutes the first time, then reused).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import load_dir, run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+TASK_DIR = REPO / "configs" / "evolve" / "tasks"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_models() -> Path:
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("cma")
+    spec = importlib.util.spec_from_file_location("make_demo_models", REPO / "scripts" / "make_demo_models.py")
+    mdm = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("make_demo_models", mdm)
+    spec.loader.exec_module(mdm)
+    out = Path(os.environ.get("RAY_MERGE_DEMO_MODELS") or mdm.DEFAULT_OUT)
+    return mdm.ensure_demo_models(out, seed=0, log=lambda *_: None)
+
+
+def write_config(path: Path, models: Path, **search) -> Path:
+    conf = {
+        "name": "test",
+        "genome": {"models": [str(models / "ft_arith"), str(models / "ft_reverse")],
+                   "base_model": str(models / "base"), "merge_method": "task_arithmetic",
+                   "layer_granularity": 2, "parameters": {"density": 1.0, "weight": {"min": 0.0, "max": 1.5}}},
+        "tasks": [{"name": "demo_arith", "metric": "exact_match,none"},
+                  {"name": "demo_reverse", "metric": "exact_match,none"}],
+        "search": {"popsize": 4, "max_fevals": 8, "seed": 0, **search},
+        "evaluation": {"limit": 12, "batch_size": 64, "include_paths": [str(TASK_DIR)], "workers": 2,
+                       "model_args": {"add_bos_token": True}, "score_inputs": False},
+    }
+    path.write_text(yaml.safe_dump(conf))
+    return path
+
+
+def env(**extra) -> dict:
+    e = {"RAY_TMPDIR": "/tmp", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    e.update(extra)
+    return e
+
+
+def history(store: Path) -> list[dict]:
+    return [json.loads(line) for line in (store / "history.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def search_with_failures(demo_models, tmp_path_factory):
+    """A short search in which g000-01 fails once, g000-02 fails twice, and g001-00 kills its evaluator."""
+    tmp = tmp_path_factory.mktemp("evsearch")
+    cfg = write_config(tmp / "search.yml", demo_models)
+    store = tmp / "store"
+    inject = "g000-01:1,g000-02:2,g001-00:1:exit"
+    proc = run_cli("evolve", cfg, "--storage-path", store, "--set", "evaluation.score_inputs=true",
+                   env=env(RAY_MERGE_EVOLVE_INJECT_FAILURE=inject), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"store": store, "proc": proc, "cfg": cfg, "tmp": tmp}
+
+
+def test_short_search_writes_history_checkpoint_best_config_and_plots(search_with_failures):
+    store = search_with_failures["store"]
+    recs = history(store)
+    assert len(recs) == 8 and len({r["id"] for r in recs}) == 8
+    for name in ("checkpoint.pkl", "best_config.yml", "best.json", "progress.png", "best_params.png",
+                 "summary.txt", "config.yml", "inputs.jsonl"):
+        assert (store / name).stat().st_size > 0, name
+    ok = [r for r in recs if r["status"] == "ok"]
+    assert all(set(r["scores"]) == {"demo_arith", "demo_reverse"} for r in ok)
+    assert all(r["timings"]["eval_s"] > 0 and r["worker"].startswith("eval-") for r in ok)
+    assert all(len(r["genotype"]) == 4 for r in recs)  # weight x 2 models x 2 layer groups
+    best = json.loads((store / "best.json").read_text())
+    assert best["score"] == max(r["score"] for r in ok)
+    inputs = [json.loads(line) for line in (store / "inputs.jsonl").read_text().splitlines()]
+    assert {r["id"] for r in inputs} == {"input:base", "input:ft_arith", "input:ft_reverse"}
+    summary = (store / "summary.txt").read_text()
+    assert "best merge" in summary and "candidates/min" in summary
+    assert "ray-merge evolve: test" in search_with_failures["proc"].stdout  # the summary, printed at the end
+
+
+def test_failed_evaluation_is_retried_on_another_evaluator_then_recorded(search_with_failures):
+    recs = {r["id"]: r for r in history(search_with_failures["store"])}
+    once = recs["g000-01"]
+    assert once["status"] == "ok" and len(once["attempts"]) == 2
+    assert "InjectedFailure" in once["attempts"][0]["error"]
+    assert once["attempts"][1]["worker"] != once["attempts"][0]["worker"]
+    twice = recs["g000-02"]
+    assert twice["status"] == "failed" and twice["score"] is None and len(twice["attempts"]) == 2
+    assert "injected failure of g000-02" in twice["error"]
+    assert twice["attempts"][0]["worker"] != twice["attempts"][1]["worker"]
+    died = recs["g001-00"]  # its evaluator process exited: replaced, and the candidate retried elsewhere
+    assert died["status"] == "ok" and "died" in died["attempts"][0]["error"]
+    assert "died; starting" in search_with_failures["proc"].stderr
+
+
+def test_best_config_runs_unchanged_and_reproduces_the_in_memory_candidate(search_with_failures, tmp_path):
+    import torch
+
+    from evolve.evaluator import CandidateBuilder
+
+    store = search_with_failures["store"]
+    out = tmp_path / "merged"
+    proc = run_cli("run", store / "best_config.yml", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    best = json.loads((store / "best.json").read_text())
+    recipe = next(r for r in history(store) if r["id"] == best["id"])["recipe"]
+    assert yaml.safe_load((store / "best_config.yml").read_text()) == recipe
+    sd, _ = CandidateBuilder(seed=0).build(recipe)
+    on_disk = load_dir(out)
+    assert set(on_disk) == set(sd)
+    for k in sd:
+        assert torch.equal(on_disk[k], sd[k]), k
+    # and the merged model scores as the search said it did
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evolve.demo_eval import score_model
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    scores = score_model(model, AutoTokenizer.from_pretrained(out), ["demo_arith", "demo_reverse"], limit=12)
+    assert scores == pytest.approx(best["scores"], abs=1e-9)
+
+
+def test_kill_and_resume_loses_and_repeats_nothing(demo_models, tmp_path):
+    cfg = write_config(tmp_path / "search.yml", demo_models, max_fevals=12)
+    store = tmp_path / "store"
+    args = [sys.executable, "-m", "ray_merge.cli", "evolve", str(cfg), "--storage-path", str(store)]
+    full_env = dict(os.environ, **env())
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(args, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    hist = store / "history.jsonl"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if hist.exists() and len(hist.read_text().splitlines()) >= 6:  # mid-generation 1 (popsize 4)
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray instance, its evaluators: a crash
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    before = history(store)
+    assert 6 <= len(before) < 12
+    proc2 = run_cli("evolve", cfg, "--storage-path", store, "--resume", env=env(), timeout=600)
+    assert proc2.returncode == 0, proc2.stderr[-3000:]
+    after = history(store)
+    ids = [r["id"] for r in after]
+    assert len(after) == 12 and len(set(ids)) == 12  # nothing lost, nothing evaluated twice
+    assert after[:len(before)] == before  # finished evaluations kept as they were
+    assert ids == sorted(ids, key=lambda i: (int(i[1:4]), ids.index(i)))  # generations in order
+    assert {r["session"] for r in after[len(before):]} != {before[0]["session"]}
+    assert "resuming at generation" in proc2.stderr
+    # resuming a finished search evaluates nothing more
+    proc3 = run_cli("evolve", cfg, "--storage-path", store, "--resume", "--no-report", env=env(), timeout=600)
+    assert proc3.returncode == 0, proc3.stderr[-2000:]
+    assert len(history(store)) == 12
