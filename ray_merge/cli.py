@@ -17,6 +17,7 @@ SUBCOMMANDS = [
     "ray_merge.cli_merge",  # run, plan, methods
     "ray_merge.cli_cluster",  # submit, status, logs, stop (a merge as a Ray job)
     "ray_merge.cli_tools",  # extract-lora, moe, multi
+    "ray_merge.cli_evolve",  # evolve (evolutionary merge search, the evolve package)
 ]
 
 

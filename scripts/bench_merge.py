@@ -223,6 +223,7 @@ def main() -> None:
         for label, extra in variants:
             out = os.path.join(work, f"rm_{method}")
             shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(out + ".ray-merge-partial", ignore_errors=True)  # left by an interrupted run
             cmd = [sys.executable, "-m", "ray_merge.cli", "run", recipe, out, "--random-seed", "0", "--quiet", *extra]
             if args.memory_budget:
                 cmd += ["--memory-budget", args.memory_budget]

@@ -209,10 +209,6 @@ def test_three_nodes_same_bytes_as_in_process(cluster, linear_ref, tmp_path):
 
 
 def test_randomised_method_same_bytes_on_any_worker_count(cluster, models_dir, tmp_path):
-    from ray_merge.methods import all_methods
-
-    if "dare_ties" not in all_methods():
-        pytest.skip("dare_ties is not registered")
     recipe = recipe_file(tmp_path, models_dir, DARE_TIES)
     merge(recipe, tmp_path / "ref", seed=7)
     merge(recipe, tmp_path / "other_seed", seed=8)

@@ -173,6 +173,8 @@ def test_storage_refuses_to_mix_searches(fam, tmp_path):
     with pytest.raises(UserError, match="nothing to resume"):
         st.start(cfg, resume=True)
     st.start(cfg, resume=False)
+    Storage(str(tmp_path / "s")).start(cfg, resume=False)  # nothing evaluated yet: may start again
+    st.append_history({"id": "g000-00"})
     with pytest.raises(UserError, match="already holds a search"):
         Storage(str(tmp_path / "s")).start(cfg, resume=False)
     Storage(str(tmp_path / "s")).start(config_from_dict(dict(conf, search={"max_fevals": 500})), resume=True)

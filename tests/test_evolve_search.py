@@ -8,9 +8,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,8 +28,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def demo_models() -> Path:
-    pytest.importorskip("lm_eval")
-    pytest.importorskip("cma")
+    import lm_eval  # noqa: F401
+    import cma  # noqa: F401
     spec = importlib.util.spec_from_file_location("make_demo_models", REPO / "scripts" / "make_demo_models.py")
     mdm = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("make_demo_models", mdm)
@@ -139,17 +141,19 @@ def test_best_config_runs_unchanged_and_reproduces_the_in_memory_candidate(searc
 
 
 def test_kill_and_resume_loses_and_repeats_nothing(demo_models, tmp_path):
-    cfg = write_config(tmp_path / "search.yml", demo_models, max_fevals=12)
+    cfg = write_config(tmp_path / "search.yml", demo_models)
     store = tmp_path / "store"
     args = [sys.executable, "-m", "ray_merge.cli", "evolve", str(cfg), "--storage-path", str(store)]
-    full_env = dict(os.environ, **env())
+    # g001-02 hangs: the search is killed while generation 1 has 3 of its 4 candidates in the history
+    ray_tmp = tempfile.mkdtemp(prefix="rmk", dir="/tmp")  # the killed Ray instance's files (short: socket paths)
+    full_env = dict(os.environ, **env(RAY_MERGE_EVOLVE_INJECT_FAILURE="g001-02:1:hang", RAY_TMPDIR=ray_tmp))
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(args, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     hist = store / "history.jsonl"
     deadline = time.time() + 300
     try:
         while time.time() < deadline and proc.poll() is None:
-            if hist.exists() and len(hist.read_text().splitlines()) >= 6:  # mid-generation 1 (popsize 4)
+            if hist.exists() and len(hist.read_text().splitlines()) >= 7:
                 break
             time.sleep(0.2)
         assert proc.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
@@ -159,18 +163,24 @@ def test_kill_and_resume_loses_and_repeats_nothing(demo_models, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     before = history(store)
-    assert 6 <= len(before) < 12
+    assert sorted(r["id"] for r in before[4:]) == ["g001-00", "g001-01", "g001-03"]  # in finishing order
     proc2 = run_cli("evolve", cfg, "--storage-path", store, "--resume", env=env(), timeout=600)
     assert proc2.returncode == 0, proc2.stderr[-3000:]
     after = history(store)
     ids = [r["id"] for r in after]
-    assert len(after) == 12 and len(set(ids)) == 12  # nothing lost, nothing evaluated twice
-    assert after[:len(before)] == before  # finished evaluations kept as they were
-    assert ids == sorted(ids, key=lambda i: (int(i[1:4]), ids.index(i)))  # generations in order
-    assert {r["session"] for r in after[len(before):]} != {before[0]["session"]}
-    assert "resuming at generation" in proc2.stderr
-    # resuming a finished search evaluates nothing more
+    assert len(after) == 8 and len(set(ids)) == 8  # nothing lost, nothing evaluated twice
+    assert after[:7] == before  # finished evaluations kept as they were
+    assert ids[7] == "g001-02" and after[7]["session"] != before[0]["session"]
+    assert "resuming at generation 1: 7 evaluation(s)" in proc2.stderr
+    # resuming a finished search evaluates nothing more (and starts no Ray)
     proc3 = run_cli("evolve", cfg, "--storage-path", store, "--resume", "--no-report", env=env(), timeout=600)
     assert proc3.returncode == 0, proc3.stderr[-2000:]
-    assert len(history(store)) == 12
+    assert "nothing left to evaluate" in proc3.stderr and len(history(store)) == 8
+    # ... unless the budget is raised: then it goes on from the checkpoint
+    proc4 = run_cli("evolve", cfg, "--storage-path", store, "--resume", "--no-report", "--max-fevals", "12",
+                    env=env(), timeout=600)
+    assert proc4.returncode == 0, proc4.stderr[-2000:]
+    ids = [r["id"] for r in history(store)]
+    assert len(ids) == 12 and len(set(ids)) == 12 and sorted(ids[8:]) == [f"g002-{i:02d}" for i in range(4)]

@@ -1,0 +1,190 @@
+"""What a search keeps under ``--storage-path``.
+
+- ``config.yml``       the resolved config (absolute paths) the search runs with; ``meta.json`` its scoring hash
+- ``history.jsonl``    one line per finished candidate: id, generation, genotype, recipe, per-task scores,
+                       score, fitness, status (ok / failed + error), attempts (worker, timings), ...
+- ``inputs.jsonl``     the input models' scores (``evaluation.score_inputs``)
+- ``checkpoint.pkl``   the CMA-ES state after each generation's ``ask``: the pickled ``cma`` object, the
+                       generation's population and candidate ids, numpy's and Python's RNG states
+- ``best_config.yml``  the best recipe so far, as ``ray-merge run`` takes it; ``best.json`` its scores
+- ``progress.png``, ``best_params.png``, ``summary.txt``  the report
+
+Every file except the history is written under a temporary name and renamed; history lines are appended
+and fsynced one at a time, and a line cut short by a kill is dropped when the search resumes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from typing import Any, Optional
+
+import yaml
+
+from ray_merge.errors import UserError
+
+CHECKPOINT_VERSION = 1
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class Storage:
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    # -- set-up -------------------------------------------------------------------------------------------
+    def has_search(self) -> bool:
+        """Whether a search has evaluated or proposed anything here (config.yml and meta.json alone: not yet)."""
+        return any(os.path.exists(self.file(n)) for n in ("checkpoint.pkl", "history.jsonl"))
+
+    def start(self, cfg, resume: bool) -> None:
+        """A new search (the directory must hold none), or a resumed one (the same scoring settings)."""
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise UserError("not a directory", source=self.path)
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the storage directory: {e.strerror or e}", source=self.path)
+        if not os.access(self.path, os.W_OK):
+            raise UserError("storage directory is not writable", source=self.path)
+        if resume:
+            if not self.has_search() and not os.path.exists(self.file("meta.json")):
+                raise UserError("nothing to resume: no search here (run without --resume to start one)",
+                                source=self.path)
+            self._check_same(cfg)
+            self._repair_history()
+            if self.has_search():
+                return
+        elif self.has_search():
+            raise UserError("already holds a search: pass --resume to continue it, or pick another "
+                            "--storage-path", source=self.path)
+        self.write_atomic("config.yml", yaml.safe_dump(cfg.raw, sort_keys=False))
+        self.write_atomic("meta.json", json.dumps({"scoring_hash": cfg.scoring_hash,
+                                                   "scoring": cfg.scoring_view()}, indent=1, default=str))
+
+    def _check_same(self, cfg) -> None:
+        try:
+            with open(self.file("meta.json")) as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            return  # a search killed before meta.json: nothing to compare
+        if meta.get("scoring_hash") == cfg.scoring_hash:
+            return
+        old = meta.get("scoring") or {}
+        new = json.loads(json.dumps(cfg.scoring_view(), default=str))
+        key = next((k for k in new if old.get(k) != new.get(k)), "?")
+        raise UserError(f"{key} differs from the search stored in {self.path}; a resumed search must score "
+                        "candidates the same way (start a new --storage-path to change it)", source=cfg.source)
+
+    # -- files ------------------------------------------------------------------------------------------
+    def write_atomic(self, name: str, data, binary: bool = False) -> str:
+        path = self.file(name)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=self.path)
+        try:
+            with os.fdopen(fd, "wb" if binary else "w") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        return path
+
+    # -- history ----------------------------------------------------------------------------------------
+    def _repair_history(self) -> None:
+        """Drop a last line cut short by a kill, so that appends start on a fresh line."""
+        for name in ("history.jsonl", "inputs.jsonl"):
+            path = self.file(name)
+            if not os.path.exists(path):
+                continue
+            with open(path, "rb") as f:
+                data = f.read()
+            if data and not data.endswith(b"\n"):
+                keep = data[: data.rfind(b"\n") + 1]
+                with open(path, "r+b") as f:
+                    f.truncate(len(keep))
+
+    def _read_jsonl(self, name: str) -> list[dict]:
+        path = self.file(name)
+        if not os.path.exists(path):
+            return []
+        out = []
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue  # a line cut short by a kill
+        return out
+
+    def _append_jsonl(self, name: str, record: dict) -> None:
+        with open(self.file(name), "a") as f:
+            f.write(json.dumps(record, default=_json_default) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_history(self) -> list[dict]:
+        return self._read_jsonl("history.jsonl")
+
+    def append_history(self, record: dict) -> None:
+        self._append_jsonl("history.jsonl", record)
+
+    def read_inputs(self) -> list[dict]:
+        return self._read_jsonl("inputs.jsonl")
+
+    def append_input(self, record: dict) -> None:
+        self._append_jsonl("inputs.jsonl", record)
+
+    # -- checkpoint -------------------------------------------------------------------------------------
+    def save_checkpoint(self, state: dict) -> None:
+        state = dict(state, version=CHECKPOINT_VERSION)
+        self.write_atomic("checkpoint.pkl", pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL), binary=True)
+
+    def load_checkpoint(self) -> Optional[dict]:
+        path = self.file("checkpoint.pkl")
+        if not os.path.exists(path):
+            return None
+        try:
+            with open(path, "rb") as f:
+                state = pickle.load(f)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is a corrupt file
+            raise UserError(f"cannot read the checkpoint ({type(e).__name__}: {e})", source=path)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise UserError(f"checkpoint version {state.get('version')} is not {CHECKPOINT_VERSION}", source=path)
+        return state
+
+    # -- best -------------------------------------------------------------------------------------------
+    def write_best(self, record: dict, n_evaluated: int) -> None:
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in (record.get("scores") or {}).items())
+        header = (f"# ray-merge evolve: best of {n_evaluated} evaluation(s) so far: candidate {record['id']}, "
+                  f"score {record['score']:.6g} ({scores})\n"
+                  f"# run it with: ray-merge run best_config.yml OUTPUT_DIR\n")
+        self.write_atomic("best_config.yml", header + yaml.safe_dump(record["recipe"], sort_keys=False))
+        best = {k: record.get(k) for k in ("id", "generation", "score", "scores", "genotype", "values")}
+        best["evaluations"] = n_evaluated
+        self.write_atomic("best.json", json.dumps(best, indent=1, default=_json_default))
+
+
+def _json_default(o: Any):
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
