@@ -14,9 +14,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from ray_merge.errors import UserError
 
@@ -137,26 +134,9 @@ class EvolveConfig:
 
 
 def load_config(path: str, overrides: Optional[list[str]] = None) -> EvolveConfig:
-    if not os.path.isfile(path):
-        raise UserError("config file not found", source=path)
-    try:
-        conf = OmegaConf.load(path)
-    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as e:
-        raise UserError(f"malformed YAML: {_one_line(e)}", source=path)
-    if not OmegaConf.is_dict(conf):
-        raise UserError("the config must be a mapping with 'genome' and 'tasks'", source=path)
-    for item in overrides or []:
-        if "=" not in item:
-            raise UserError(f"--set takes key=value, got {item!r}", source=path)
-        key, value = item.split("=", 1)
-        try:
-            OmegaConf.update(conf, key.strip(), yaml.safe_load(value), force_add=True)
-        except (OmegaConfBaseException, yaml.YAMLError) as e:
-            raise UserError(f"cannot apply --set {item!r}: {_one_line(e)}", source=path)
-    try:
-        data = OmegaConf.to_container(conf, resolve=True)
-    except OmegaConfBaseException as e:
-        raise UserError(f"cannot resolve the config: {_one_line(e)}", source=path)
+    from ray_merge.recipe import load_yaml
+
+    data = load_yaml(path, overrides, what="config")
     return config_from_dict(data, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
 
 

@@ -29,8 +29,8 @@ def staging_dir(out_dir: str) -> str:
     return os.path.abspath(out_dir).rstrip("/") + ".ray-merge-partial"
 
 
-def prepare_output(out_dir: str, plan: Plan, *, resume: bool) -> tuple[str, dict[int, dict]]:
-    """Create (or, with resume, reopen) the staging directory; return it and the finished shards."""
+def check_output_location(out_dir: str) -> str:
+    """Refuse a non-empty output or an unwritable parent (creating it if needed); return the absolute path."""
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise UserError(f"output {out_dir} already exists and is not empty; choose a new path or remove it")
@@ -41,6 +41,13 @@ def prepare_output(out_dir: str, plan: Plan, *, resume: bool) -> tuple[str, dict
         raise UserError(f"cannot create output location {parent}: {e.strerror}")
     if not os.access(parent, os.W_OK):
         raise UserError(f"output location {parent} is not writable")
+    return out_dir
+
+
+def prepare_output(out_dir: str, plan: Plan, *, resume: bool) -> tuple[str, dict[int, dict]]:
+    """Create (or, with resume, reopen) the staging directory; return it and the finished shards."""
+    out_dir = check_output_location(out_dir)
+    parent = os.path.dirname(out_dir)
     stage = staging_dir(out_dir)
     done: dict[int, dict] = {}
     if os.path.isdir(stage):

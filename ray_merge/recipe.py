@@ -97,24 +97,20 @@ class Recipe:
         return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()
 
 
-def load_recipe(path: str, overrides: Optional[list[str]] = None) -> Recipe:
-    """Read a recipe file, apply ``key=value`` overrides, validate."""
+def load_yaml(path: str, overrides: Optional[list[str]] = None, *, what: str = "recipe") -> dict:
+    """Read a YAML file with OmegaConf, apply ``key=value`` overrides, return plain data."""
     if not os.path.isfile(path):
-        raise UserError("recipe file not found", source=path)
+        raise UserError(f"{what} file not found", source=path)
     try:
         conf = OmegaConf.load(path)
     except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as e:
         raise UserError(f"malformed YAML: {_one_line(e)}", source=path)
-    return recipe_from_conf(conf, source=path, overrides=overrides)
+    return _apply_overrides(conf, path, overrides, what)
 
 
-def recipe_from_dict(data: dict, source: str = "<recipe>", overrides: Optional[list[str]] = None) -> Recipe:
-    return recipe_from_conf(OmegaConf.create(data), source=source, overrides=overrides)
-
-
-def recipe_from_conf(conf, source: str, overrides: Optional[list[str]] = None) -> Recipe:
+def _apply_overrides(conf, source: str, overrides: Optional[list[str]], what: str = "recipe") -> dict:
     if not OmegaConf.is_dict(conf):
-        raise UserError("a recipe must be a mapping of keys", source=source)
+        raise UserError(f"a {what} must be a mapping of keys", source=source)
     for item in overrides or []:
         if "=" not in item:
             raise UserError(f"--set takes key=value, got {item!r}", source=source)
@@ -124,10 +120,22 @@ def recipe_from_conf(conf, source: str, overrides: Optional[list[str]] = None) -
         except (OmegaConfBaseException, yaml.YAMLError) as e:
             raise UserError(f"cannot apply --set {item!r}: {_one_line(e)}", source=source)
     try:
-        data = OmegaConf.to_container(conf, resolve=True)
+        return OmegaConf.to_container(conf, resolve=True)
     except OmegaConfBaseException as e:
-        raise UserError(f"cannot resolve recipe: {_one_line(e)}", source=source)
-    return _validate(data, source)
+        raise UserError(f"cannot resolve the {what}: {_one_line(e)}", source=source)
+
+
+def load_recipe(path: str, overrides: Optional[list[str]] = None) -> Recipe:
+    """Read a recipe file, apply ``key=value`` overrides, validate."""
+    return _validate(load_yaml(path, overrides), path)
+
+
+def recipe_from_dict(data: dict, source: str = "<recipe>", overrides: Optional[list[str]] = None) -> Recipe:
+    return recipe_from_conf(OmegaConf.create(data), source=source, overrides=overrides)
+
+
+def recipe_from_conf(conf, source: str, overrides: Optional[list[str]] = None) -> Recipe:
+    return _validate(_apply_overrides(conf, source, overrides), source)
 
 
 def _one_line(e: Exception) -> str:

@@ -32,17 +32,9 @@ def note(msg: str, quiet: bool = False) -> None:
 
 def begin_output(out_dir: str) -> str:
     """Check ``out_dir`` may be written and return a fresh staging directory for it."""
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise UserError(f"output {out_dir} already exists and is not empty; choose a new path or remove it")
-    parent = os.path.dirname(out_dir)
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create output location {parent}: {e.strerror}")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"output location {parent} is not writable")
-    stage = staging_dir(out_dir)
+    from ray_merge.output import check_output_location
+
+    stage = staging_dir(check_output_location(out_dir))
     if os.path.isdir(stage):  # an interrupted run of a tool without resume: start over
         shutil.rmtree(stage)
     os.makedirs(stage)
