@@ -418,7 +418,7 @@ class MergeWorker:
         self.peak_rss = max(self.peak_rss, peak)
         tensors = self.plan.shard_tensors(shard)
         return {
-            "index": res.index, "filename": shard.filename, "sha256": res.sha256, "nbytes": res.nbytes,
+            "index": res.index, "filename": shard.filename, "checksum": res.checksum, "nbytes": res.nbytes,
             "worker": self.rank, "node_id": self.node_id, "node_ip": self.node_ip, "pid": os.getpid(),
             "wall_s": time.time() - t0, "bytes_read": sum(pt.in_bytes for pt in tensors),
             "peak_rss": peak, "baseline_rss": self.baseline_rss,
@@ -778,7 +778,7 @@ class RayExecutor:
                 self.driver_bytes_received += len(pickle.dumps(out))
                 if idx in done:
                     continue  # a duplicate (a retried shard that finished twice): same bytes
-                res = ShardResult(idx, out["filename"], out["sha256"], out["nbytes"], list(by_index[idx].tensors))
+                res = ShardResult(idx, out["filename"], out["checksum"], out["nbytes"], list(by_index[idx].tensors))
                 done[idx] = res
                 on_shard(res)  # journaled here, as each result arrives
                 self._record(slot, out)

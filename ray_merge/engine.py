@@ -78,7 +78,7 @@ def run_merge(recipe: Recipe, out_dir: str, options: MergeOptions,
 
     def on_shard(res: ShardResult) -> None:
         journal_shard(stage, res)
-        records[res.index] = {"index": res.index, "filename": res.filename, "sha256": res.sha256,
+        records[res.index] = {"index": res.index, "filename": res.filename, "checksum": res.checksum,
                               "nbytes": res.nbytes}
 
     total = sum(s.nbytes for s in todo)

@@ -119,7 +119,7 @@ def compute_tensor(pt: PlannedTensor, inputs: list[torch.Tensor], seed: Optional
 class ShardResult:
     index: int
     filename: str
-    sha256: str
+    checksum: str  # xxh3-128 of the file, hex
     nbytes: int
     tensors: list[str]
 

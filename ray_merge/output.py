@@ -91,7 +91,7 @@ def read_journal(stage: str, plan: Plan) -> dict[int, dict]:
 
 
 def journal_shard(stage: str, result) -> None:
-    rec = {"index": result.index, "filename": result.filename, "sha256": result.sha256,
+    rec = {"index": result.index, "filename": result.filename, "checksum": result.checksum,
            "nbytes": result.nbytes, "time": time.time()}
     with open(os.path.join(stage, JOURNAL), "a") as f:
         f.write(json.dumps(rec) + "\n")

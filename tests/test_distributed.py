@@ -79,7 +79,7 @@ def assert_same_output(a, b):
     for name in fa:
         assert fa[name] == fb[name], f"{name} differs"
     ma, mb = (json.load(open(os.path.join(d, MANIFEST))) for d in (a, b))
-    assert [s["sha256"] for s in ma["shards"]] == [s["sha256"] for s in mb["shards"]]
+    assert [s["checksum"] for s in ma["shards"]] == [s["checksum"] for s in mb["shards"]]
 
 
 @pytest.fixture(scope="module")
