@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from ray_merge import parallel
 from ray_merge.io.models import WeightReader, index_weights
 from ray_merge.io.writer import ShardWriter
 from ray_merge.methods import MergeInputs, get_method
@@ -70,16 +71,8 @@ class ResidentLoader(TensorLoader):
 
 
 # Element-wise methods run over blocks of about this many elements: the working set stays in
-# the CPU cache, and blocks are spread over threads (torch releases the GIL).
+# the CPU cache, and blocks are spread over the cores (see ray_merge.parallel).
 BLOCK_ELEMENTS = 1 << 17
-_block_pool: Optional[ThreadPoolExecutor] = None
-
-
-def _blocks_pool() -> ThreadPoolExecutor:
-    global _block_pool
-    if _block_pool is None:
-        _block_pool = ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="ray-merge-block")
-    return _block_pool
 
 
 def compute_tensor(pt: PlannedTensor, inputs: list[torch.Tensor], seed: Optional[int],
@@ -110,7 +103,7 @@ def compute_tensor(pt: PlannedTensor, inputs: list[torch.Tensor], seed: Optional
         def block(start: int) -> None:
             out[start:start + step] = merge([t[start:start + step] for t in inputs]).to(out_dtype)
 
-        list(_blocks_pool().map(block, range(0, rows, step)))
+        parallel.map_ordered(block, range(0, rows, step))
         return out
     return merge(inputs).to(device="cpu", dtype=out_dtype)
 

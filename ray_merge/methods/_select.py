@@ -30,10 +30,11 @@ import torch
 # larger tensors too.
 EXACT_SELECTION_MAX_NUMEL = int(os.environ.get("RAY_MERGE_EXACT_SELECTION_MAX_NUMEL", 1 << 16))
 
-# Elements per chunk when streaming: a few chunks of every input fit in cache,
-# and each op stays below torch's parallel grain (32768), so it runs on one
-# thread without OpenMP barriers, which stall badly when cores are shared.
-CHUNK = 1 << 15
+# Elements per chunk when streaming: a few chunks of every input fit in the
+# L2/L3 cache, yet each op is large enough that torch spreads it over the cores
+# and its per-op overhead is small (measured: 2.4x faster than 32K chunks for a
+# bfloat16 DARE-TIES merge on 2 cores).
+CHUNK = 1 << 17
 
 _HIST_BITS = 16
 _DIRECT_KTHVALUE_NUMEL = 1 << 17

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 
 from ray_merge.errors import UserError
@@ -45,6 +46,16 @@ class TaskVector:
         self.base = base.reshape(-1)
         self.numel = self.base.numel()
         self.dtype = work_dtype(base)
+
+    @property
+    def native_dtype(self) -> Optional[torch.dtype]:
+        """The inputs' shared dtype when it is half precision, else None."""
+        d = self.base.dtype
+        return d if d in (torch.float16, torch.bfloat16) and self.model.dtype == d else None
+
+    def native_chunk(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """The delta over [start, stop) in ``native_dtype``, exactly the values ``chunk`` widens."""
+        return torch.sub(self.model[start:stop], self.base[start:stop], out=out)
 
     def chunk(self, start: int, stop: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         m, b = self.model[start:stop], self.base[start:stop]
@@ -84,10 +95,28 @@ class KeepNone(Keep):
 
 @dataclass
 class KeepMask(Keep):
-    mask: torch.Tensor = None  # flat bool
+    mask: torch.Tensor = None  # flat bool, on the CPU
 
     def apply_(self, delta: torch.Tensor, start: int) -> None:
-        delta.mul_(self.mask[start : start + delta.numel()])
+        zero_dropped_(delta, self.mask[start : start + delta.numel()])
+
+
+# Integer views of the same width: multiplying one by a 0/1 mask zeroes a float's bits.
+_BITS = {torch.float16: np.int16, torch.bfloat16: np.int16}
+
+
+def zero_dropped_(x: torch.Tensor, keep: torch.Tensor) -> None:
+    """``x *= keep`` in place for a flat bool ``keep``; dropped entries become +0.0.
+
+    On the CPU this is numpy's multiply by a bool array, about 4x faster than
+    torch's (which widens the mask first); half precision goes through an
+    integer view of the same bits, as numpy has no bfloat16.
+    """
+    if x.device.type != "cpu" or not x.is_contiguous():
+        x.mul_(keep.to(x.device))
+        return
+    values = x.view(torch.int16).numpy() if x.dtype in _BITS else x.numpy()
+    np.multiply(values, keep.numpy(), out=values)
 
 
 @dataclass
@@ -104,12 +133,19 @@ def _rescaled(keep: Keep, tv: TaskVector, rescale: bool, dtype: torch.dtype) -> 
     """Set ``keep.factor`` to restore the task vector's L1 norm, if asked."""
     if not rescale or isinstance(keep, KeepNone) or type(keep) is Keep:
         return keep
-    before = after = 0.0
-    for start, delta in tv.chunks():
-        magnitudes = delta.abs_()
-        before += float(magnitudes.sum())
+
+    native = tv.native_dtype
+    buffer = torch.empty(min(CHUNK, tv.numel), dtype=native) if native else None
+    before = after = 0.0  # summed chunk by chunk, in float64
+    for start in range(0, tv.numel, CHUNK):
+        stop = min(start + CHUNK, tv.numel)
+        if native:  # half-precision deltas are summed in float32 without widening them in memory
+            magnitudes = tv.native_chunk(start, stop, out=buffer[: stop - start]).abs_()
+        else:
+            magnitudes = tv.chunk(start, stop).abs_()
+        before += float(torch.sum(magnitudes, dtype=tv.dtype))
         keep.apply_(magnitudes, start)
-        after += float(magnitudes.sum())
+        after += float(torch.sum(magnitudes, dtype=tv.dtype))
     before, after = round_scalar(before, dtype), round_scalar(after, dtype)
     if before >= _RESCALE_EPS and after >= _RESCALE_EPS:
         keep.factor = round_scalar(before / after, dtype)
@@ -166,8 +202,7 @@ def random(tv: TaskVector, density: float, generator: Optional[torch.Generator])
     """DARE: keep each entry independently with probability ``density``."""
     if density >= 1:
         return Keep()
-    rng = _random.stream(generator)
-    return KeepMask(mask=_random.bernoulli_mask(tv.numel, density, rng))
+    return KeepMask(mask=_random.bernoulli_mask(tv.numel, density, _random.draw_seed(generator)))
 
 
 def della_magprune(

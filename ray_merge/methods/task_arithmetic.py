@@ -143,22 +143,40 @@ class _Combine:
     def __call__(self, task_vectors: list[sparsify.TaskVector], base: torch.Tensor) -> torch.Tensor:
         n = base.numel()
         out = torch.empty(n, dtype=base.dtype)
+        flat_base = base.reshape(-1)
+
+        # Half-precision inputs of the recipe's dtype are sparsified and weighted in that
+        # dtype (torch rounds each op's float result, as the separate roundings would).
+        native = self.half and all(tv.native_dtype == self.keep_dtype for tv in task_vectors)
+
         size = min(CHUNK, max(n, 1))
         buffers = [torch.empty(size, dtype=tv.dtype) for tv in task_vectors]
-        flat_base = base.reshape(-1)
+        halves = [torch.empty(size, dtype=self.keep_dtype) for _ in task_vectors] if native else None
         for start in range(0, n, size):
             stop = min(start + size, n)
-            deltas = [
-                self._weighted(i, tv.chunk(start, stop, out=buf[: stop - start]), start)
-                for i, (tv, buf) in enumerate(zip(task_vectors, buffers))
-            ]
-            self._merge(deltas, flat_base[start:stop], out[start:stop])
+            if native:
+                deltas = [
+                    buf[: stop - start].copy_(self._weighted(i, tv.native_chunk(start, stop, out=h[: stop - start]), start))
+                    for i, (tv, buf, h) in enumerate(zip(task_vectors, buffers, halves))
+                ]
+                rounded = halves[0][: stop - start]  # free again: holds the rounded result
+            else:
+                deltas = [
+                    self._weighted(i, tv.chunk(start, stop, out=buf[: stop - start]), start)
+                    for i, (tv, buf) in enumerate(zip(task_vectors, buffers))
+                ]
+                rounded = None
+            self._merge(deltas, flat_base[start:stop], out[start:stop], rounded)
         return out.view(base.shape)
 
     def _weighted(self, i: int, delta: torch.Tensor, start: int) -> torch.Tensor:
         """Sparsify one chunk of task vector ``i`` and apply its weight (unless folded)."""
         keep = self.keeps[i]
         keep.apply_(delta, start)
+        if self.half and delta.dtype == self.keep_dtype:  # rounded by each op
+            if keep.factor != 1.0:
+                delta.mul_(keep.factor)
+            return delta.mul_(self.weights[i])
         if self.half:
             if keep.factor != 1.0:
                 round_(delta.mul_(keep.factor), self.keep_dtype)
@@ -167,8 +185,10 @@ class _Combine:
             delta.mul_(self.weights[i] * keep.factor)
         return delta
 
-    def _merge(self, deltas: list[torch.Tensor], base: torch.Tensor, out: torch.Tensor) -> None:
-        """Write base + lambda * (elected) sum / divisor for one chunk into ``out``."""
+    def _merge(self, deltas: list[torch.Tensor], base: torch.Tensor, out: torch.Tensor,
+               rounded: Optional[torch.Tensor] = None) -> None:
+        """Write base + lambda * (elected) sum / divisor for one chunk into ``out``
+        (``rounded``: a scratch chunk of the recipe's half dtype, if there is one)."""
         scales = self.scales or [1.0] * len(deltas)
         divisor = None
         if self.consensus:
@@ -200,6 +220,8 @@ class _Combine:
             round_(mixed.div_(divisor), self.keep_dtype)
         if self.lam != 1:
             round_(mixed.mul_(self.lam), self.keep_dtype)
+        if rounded is not None and base.dtype == out.dtype == rounded.dtype:
+            mixed = rounded.copy_(mixed)  # exact: mixed is rounded already; a same-dtype add is faster
         torch.add(base, mixed, out=out)
 
 
