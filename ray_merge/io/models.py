@@ -70,6 +70,7 @@ class TensorMeta:
     file: str  # absolute path of the file holding it
     shape: tuple[int, ...]
     dtype: torch.dtype
+    offset: Optional[int] = None  # where its bytes start in a safetensors file
 
     @property
     def numel(self) -> int:
@@ -99,9 +100,10 @@ def _read_safetensors_header(path: str) -> dict:
             raise ValueError("header is not a JSON object")
         header.pop("__metadata__", None)
         for name, info in header.items():
-            end = info["data_offsets"][1]
-            if end > size - 8 - n or info["dtype"] not in SAFETENSORS_DTYPES:
+            start, end = info["data_offsets"]
+            if not 0 <= start <= end <= size - 8 - n or info["dtype"] not in SAFETENSORS_DTYPES:
                 raise ValueError(f"tensor {name} has bad offsets or dtype")
+            info["file_offset"] = 8 + n + start
         return header
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise UserError(f"corrupt safetensors header: {e}", source=path)
@@ -126,7 +128,8 @@ def index_weights(model_dir: str, label: str) -> dict[str, TensorMeta]:
                                     source=idx_path)
         for path in st_files:
             for name, info in _read_safetensors_header(path).items():
-                index[name] = TensorMeta(path, tuple(info["shape"]), SAFETENSORS_DTYPES[info["dtype"]])
+                index[name] = TensorMeta(path, tuple(info["shape"]), SAFETENSORS_DTYPES[info["dtype"]],
+                                         info["file_offset"])
         return index
     bin_files = sorted(glob.glob(os.path.join(model_dir, "pytorch_model*.bin")))
     if bin_files:
@@ -142,6 +145,31 @@ def _load_bin(path: str) -> dict[str, torch.Tensor]:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # pickle errors come in many types
         raise UserError(f"cannot read PyTorch weights: {type(e).__name__}: {e}", source=path)
+
+
+def _read_into_memory(meta: TensorMeta) -> torch.Tensor:
+    """A safetensors tensor read into fresh memory (not a mapping of the file).
+
+    The read is a plain ``readinto`` at the header's offset: it runs without the
+    GIL, so the read-ahead thread takes the whole cost (a mapped tensor would
+    instead fault its pages in one by one on the compute thread), and no file
+    pages stay mapped into the process over a long merge.
+    """
+    out = torch.empty(meta.shape, dtype=meta.dtype)
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    try:
+        with open(meta.file, "rb", buffering=0) as f:
+            f.seek(meta.offset)
+            done = 0
+            while done < len(view):
+                got = f.readinto(view[done:])
+                if not got:
+                    raise UserError(f"file ends inside tensor data (read {done} of {len(view)} bytes)",
+                                    source=meta.file)
+                done += got
+    except OSError as e:
+        raise UserError(f"cannot read weights: {e.strerror or e}", source=meta.file)
+    return out
 
 
 class WeightReader:
@@ -165,13 +193,8 @@ class WeightReader:
 
     def read(self, name: str) -> torch.Tensor:
         meta = self.index[name]
-        if meta.file.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            # A fresh mapping per read: the file's pages are unmapped after the copy, so they don't
-            # pile up in the process's RSS over a long merge (the header parse costs microseconds).
-            with safe_open(meta.file, framework="pt", device="cpu") as h:
-                return h.get_tensor(name)
+        if meta.offset is not None:
+            return _read_into_memory(meta)
         h = self._handle(meta.file)
         if isinstance(h, dict):
             return h[name]

@@ -14,9 +14,6 @@ SUM = "sum"  # elect the sign of the summed entries (the TIES paper)
 COUNT = "count"  # elect the sign held by more models
 METHODS = (SUM, COUNT)
 
-_ONE = torch.tensor(1.0)
-
-
 def elect_sign(
     deltas: Sequence[torch.Tensor], method: str = SUM, scales: Optional[Sequence[float]] = None
 ) -> torch.Tensor:
@@ -25,8 +22,7 @@ def elect_sign(
     ``deltas`` is a sequence of same-shape tensors or a stacked ``[n, ...]``
     tensor (summed in one reduction, as mergekit does in half precision).
     ``scales`` (positive, one per delta) weight the deltas without a separate
-    pass. Where the total is -0.0 every delta is zero, so the -1 elected there
-    selects nothing either way.
+    pass.
     """
     if method == COUNT:
         deltas, scales = [torch.sign(d) for d in deltas], None
@@ -39,7 +35,8 @@ def elect_sign(
         total = torch.mul(deltas[0], scales[0])
         for d, c in zip(deltas[1:], scales[1:]):
             total.add_(d, alpha=c)
-    return torch.copysign(_ONE.to(total.dtype), total, out=total)
+    # sign() is -1, 0 or 1; +0.5 then sign() again sends 0 (a tie) to +1. Cheaper than copysign.
+    return total.sign_().add_(0.5).sign_()
 
 
 def agreeing_sum_(
