@@ -1,15 +1,10 @@
-"""Spread the work on one tensor over the CPU cores, in cache-sized pieces.
+"""A pool of threads for work that torch does not spread over the cores itself.
 
-Merging is memory-bound: torch ops over whole tensors stream every operand
-through RAM once per op. Methods instead walk a tensor in pieces small enough to
-stay in cache, and this module runs those pieces on a pool of threads (torch
-releases the GIL). Pieces are ranges of a flat tensor (or rows); each thread
-does a contiguous run of them, and results come back in order, so nothing
-depends on how many threads there are.
-
-Each piece stays below torch's own parallel grain, so ops run on the calling
-thread without OpenMP barriers (which stall badly when cores are shared). A
-piece started from inside a pool thread runs inline: nesting never deadlocks.
+Torch ops on large enough tensors already run on all cores (OpenMP); numpy
+calls such as random-number generation do not. ``map_ordered`` runs such
+independent pieces on a shared pool and returns their results in order, so
+nothing depends on the number of threads. A piece started from a pool thread
+runs inline: nesting never deadlocks.
 """
 from __future__ import annotations
 
@@ -59,19 +54,3 @@ def map_ordered(fn: Callable[..., T], items: Iterable) -> list[T]:
     if len(items) <= 1 or serial():
         return [fn(i) for i in items]
     return list(_get_pool().map(fn, items))
-
-
-def spans(n: int, piece: int) -> list[tuple[int, int]]:
-    """``[0, n)`` as one contiguous span per thread, each a whole number of ``piece``s
-    (but the last), so that each thread's pieces line up with a serial walk."""
-    pieces = -(-n // piece) if n else 0
-    parts = 1 if serial() else min(threads(), pieces)
-    if parts <= 1:
-        return [(0, n)]
-    per = -(-pieces // parts)
-    return [(p * per * piece, min(n, (p + 1) * per * piece)) for p in range(parts) if p * per * piece < n]
-
-
-def over_spans(fn: Callable[[int, int], T], n: int, piece: int) -> list[T]:
-    """``fn(start, stop)`` for each span of ``spans(n, piece)``, in parallel; results in order."""
-    return map_ordered(lambda span: fn(*span), spans(n, piece))

@@ -162,6 +162,7 @@ def warm_page_cache(cache: str) -> None:
 
 def measure(cmd: list[str], env: dict) -> tuple[float, float, int]:
     """Run a command; return (wall seconds, peak RSS of its process tree in GB, exit code)."""
+    os.sync()  # the previous run's output is on disk: its write-back does not load this run
     start = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = 0
