@@ -72,7 +72,7 @@ class ResidentLoader(TensorLoader):
 # Element-wise methods run over blocks of about this many elements: the working set stays in
 # the CPU cache, and torch spreads each op over the cores (a thread per block instead nests
 # OpenMP teams, which measured 10-20% slower on 2 cores).
-BLOCK_ELEMENTS = 1 << 18
+BLOCK_ELEMENTS = 1 << 17
 
 
 def compute_tensor(pt: PlannedTensor, inputs: list[torch.Tensor], seed: Optional[int],
