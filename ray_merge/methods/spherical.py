@@ -13,7 +13,8 @@ import math
 import torch
 
 from ray_merge.errors import UserError
-from ray_merge.methods._common import as_work, base_and_others, exactly, finish, work_dtype
+from ray_merge.methods._common import base_and_others, exactly, work_dtype
+from ray_merge.methods._select import CHUNK
 from ray_merge.methods.base import MergeInputs, MergeMethod, Param, register
 
 _SLERP_DOT_THRESHOLD = 0.9995
@@ -39,19 +40,33 @@ def _slerp(inp: MergeInputs) -> torch.Tensor:
     exactly(1, others, "slerp")
     t = float(inp.params["t"])
     dtype = work_dtype(base)
-    v0 = as_work(base, dtype).reshape(-1)
-    v1 = as_work(others[0], dtype).reshape(-1)
-    if v0.numel() == 0:
+    x0, x1 = base.reshape(-1), others[0].reshape(-1)
+    n = x0.numel()
+    if n == 0:
         return base.clone()
+    # Two passes over cache-sized chunks, widened to float32 one chunk at a time:
+    # the sums of squares and the dot product, then the interpolation.
+    size = min(CHUNK, n)
+    a, b = torch.empty(size, dtype=dtype), torch.empty(size, dtype=dtype)
+    sq0 = sq1 = dot = 0.0
+    for start in range(0, n, size):
+        stop = min(start + size, n)
+        v0, v1 = a[: stop - start].copy_(x0[start:stop]), b[: stop - start].copy_(x1[start:stop])
+        sq0 += float(torch.dot(v0, v0))
+        sq1 += float(torch.dot(v1, v1))
+        dot += float(torch.dot(v0, v1))
     # A (near-)zero tensor has no direction: measure the angle unnormalised.
-    n0 = float(torch.linalg.vector_norm(v0))
-    n1 = float(torch.linalg.vector_norm(v1))
+    n0, n1 = math.sqrt(sq0), math.sqrt(sq1)
     n0 = n0 if n0 > _SLERP_EPS else 1.0
     n1 = n1 if n1 > _SLERP_EPS else 1.0
-    cos_theta = min(1.0, max(-1.0, float(torch.dot(v0, v1)) / (n0 * n1)))
+    cos_theta = min(1.0, max(-1.0, dot / (n0 * n1)))
     c0, c1 = slerp_coefficients(t, cos_theta)
-    out = torch.mul(v0, c0).add_(v1, alpha=c1)
-    return finish(out.view(base.shape), base)
+    out = torch.empty(n, dtype=base.dtype)
+    for start in range(0, n, size):
+        stop = min(start + size, n)
+        v0, v1 = a[: stop - start].copy_(x0[start:stop]), b[: stop - start].copy_(x1[start:stop])
+        out[start:stop] = v0.mul_(c0).add_(v1, alpha=c1)
+    return out.view(base.shape)
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
