@@ -31,6 +31,7 @@ from evolve.evaluator import combined_score, format_exception
 from evolve.genome import Genome
 from evolve.storage import Storage
 from ray_merge.errors import UserError
+from ray_merge.tools_common import join_ray_cluster
 
 log = logging.getLogger("ray_merge.evolve")
 INJECT_ENV = "RAY_MERGE_EVOLVE_INJECT_FAILURE"  # test-only: "ID[:N[:raise|exit]],..." (see evaluator.py)
@@ -92,11 +93,7 @@ class RaySession:
         if ray.is_initialized():
             return self
         if remote:
-            address = self.address or os.environ.get("RAY_ADDRESS") or "auto"
-            try:
-                ray.init(address=address, **quiet)
-            except (ConnectionError, RuntimeError, ValueError) as e:
-                raise UserError(f"cannot connect to the Ray cluster at {address}: {' '.join(str(e).split())[:300]}")
+            join_ray_cluster(self.address or os.environ.get("RAY_ADDRESS") or "auto", **quiet)
         else:
             base = os.environ.get("RAY_TMPDIR") or "/tmp"  # Ray's socket paths are limited to ~107 chars
             self.temp_dir = tempfile.mkdtemp(prefix="rm-ev-", dir=base)

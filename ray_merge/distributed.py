@@ -36,6 +36,7 @@ from ray_merge.errors import UserError
 from ray_merge.executor import (ShardResult, TensorLoader, check_memory, format_bytes, min_memory,
                                 rows_per_chunk, write_shards)
 from ray_merge.plan import Plan, PlannedTensor, Shard
+from ray_merge.tools_common import check_ray_address, join_ray_cluster
 
 log = logging.getLogger("ray_merge")
 
@@ -473,7 +474,10 @@ class RayExecutor:
 
     # -- run_merge hooks ----------------------------------------------------------------------
     def preflight(self, plan: Plan, options: MergeOptions) -> None:
-        """Before any output is written: every tensor must fit a worker's budget (where known now)."""
+        """Before any output is written: the cluster answers, and every tensor fits a worker's
+        budget (where known now)."""
+        if self.spec.remote:
+            check_ray_address(self.spec.address)
         n = self.spec.workers or 1
         if self.spec.gpus and not self.spec.remote:  # a local instance: this machine's GPUs
             import torch
@@ -534,10 +538,7 @@ class RayExecutor:
             return
         if self.spec.remote:
             address = self.spec.address or "auto"
-            try:
-                ray.init(address=address, **quiet)
-            except (ConnectionError, RuntimeError, ValueError) as e:
-                raise UserError(f"cannot connect to the Ray cluster at {address}: {' '.join(str(e).split())[:300]}")
+            join_ray_cluster(address, **quiet)
             self._connected_here = True
             self.address = address
             return

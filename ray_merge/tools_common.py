@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -151,6 +152,30 @@ def versions() -> dict:
 # ---------------------------------------------------------------------------
 
 
+def check_ray_address(address: Optional[str]) -> None:
+    """Fail at once when a ``host:port`` Ray address does not answer at all
+    (Ray itself would retry for minutes before giving up)."""
+    host, sep, port = (address or "").rpartition(":")
+    if not (sep and host and port.isdigit()) or "://" in address:
+        return  # "auto", ray:// client addresses: left to Ray
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as e:
+        raise UserError(f"cannot reach the Ray cluster at {address}: {e.strerror or e} "
+                        f"(is `ray start --head` running there?)")
+
+
+def join_ray_cluster(address: str, **init_kwargs) -> None:
+    """``ray.init(address=...)`` with a one-line error when it fails."""
+    import ray
+
+    check_ray_address(address)
+    try:
+        ray.init(address=address, **init_kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise UserError(f"cannot connect to the Ray cluster at {address}: {' '.join(str(e).split())[:300]}")
+
+
 @contextmanager
 def ray_session(spec, verbose: int = 0, object_store_bytes: int = 256 * 2**20):
     """Connect to Ray as the merge executor does (ray_merge.distributed): join the cluster at
@@ -171,11 +196,7 @@ def ray_session(spec, verbose: int = 0, object_store_bytes: int = 256 * 2**20):
     quiet = dict(logging_level=logging.INFO if verbose >= 2 else logging.WARNING, log_to_driver=verbose >= 1)
     temp_dir = None
     if spec.remote:
-        address = spec.address or "auto"
-        try:
-            ray.init(address=address, **quiet)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise UserError(f"cannot connect to the Ray cluster at {address}: {' '.join(str(e).split())[:300]}")
+        join_ray_cluster(spec.address or "auto", **quiet)
     else:
         n = spec.workers or 1
         temp_dir = tempfile.mkdtemp(prefix="rm-", dir=os.environ.get("RAY_TMPDIR") or "/tmp")

@@ -120,3 +120,17 @@ def test_memory_budget_too_small(tmp_path, models_dir):
     res = run_cli("run", r, tmp_path / "out", "--memory-budget", "1KB")
     assert res.returncode == 2 and "memory budget" in res.stderr and "Traceback" not in res.stderr
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(f"{tmp_path}/out.ray-merge-partial")
+
+
+def test_unreachable_ray_address_fails_at_once(tmp_path, models_dir):
+    """Ray would retry a dead head address for minutes; a port that refuses is reported before any output."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = write_recipe(tmp_path / "r.yml", GOOD, A=models_dir / "llama_ft0", B=models_dir / "llama_ft1")
+    out = tmp_path / "out"
+    res = run_cli("run", r, out, "--address", f"127.0.0.1:{port}", timeout=60)
+    _check_error(res, out, "cannot reach the Ray cluster", f"127.0.0.1:{port}")
+    assert not os.path.exists(f"{out}.ray-merge-partial")
