@@ -245,7 +245,7 @@ def _validate(data: dict, source: str) -> Recipe:
 
     # Parameters the method does not take.
     known = {p.name for p in method.params}
-    for key, block in _parameter_blocks(params, slices):
+    for key, block in _parameter_blocks(params, slices, from_models=has_models):
         for name in block:
             if name not in known:
                 takes = ", ".join(sorted(known)) or "none"
@@ -352,8 +352,13 @@ def _check_setting(setting: Any, key: str, err) -> None:
     raise err(key, f"unsupported value {setting!r}")
 
 
-def _parameter_blocks(params: dict, slices: list[OutputSlice]):
+def _parameter_blocks(params: dict, slices: list[OutputSlice], from_models: bool = False):
+    """Every parameters block with its key path as the recipe wrote it."""
     yield "parameters", params
+    if from_models:  # one slice, its sources are the `models:` entries
+        for j, src in enumerate(slices[0].sources):
+            yield f"models[{j}].parameters", src.parameters
+        return
     for i, s in enumerate(slices):
         yield f"slices[{i}].parameters", s.parameters
         for j, src in enumerate(s.sources):
