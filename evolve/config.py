@@ -14,7 +14,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-
 from ray_merge.errors import UserError
 
 TOP_KEYS = {"genome", "tasks", "search", "evaluation", "seed", "name",
@@ -134,7 +133,7 @@ class EvolveConfig:
 
 
 def load_config(path: str, overrides: Optional[list[str]] = None) -> EvolveConfig:
-    from ray_merge.recipe import load_yaml
+    from ray_merge.recipe.load import load_yaml
 
     data = load_yaml(path, overrides, what="config")
     return config_from_dict(data, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
@@ -204,9 +203,6 @@ def config_from_dict(data: dict, source: str = "<config>", base_dir: Optional[st
 
 
 # ---------------------------------------------------------------------------------------------------------
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())
-
 
 def _no_unknown(d: dict, allowed: set, key: str, err) -> None:
     extra = sorted(set(d) - allowed)
@@ -287,7 +283,7 @@ def _model(v: Any, key: str, base_dir: str, err) -> str:
 
 def _genome(g: Any, base_dir: str, err) -> GenomeConfig:
     from ray_merge.methods import get_method
-    from ray_merge.recipe import DTYPE_ALIASES, DTYPES
+    from ray_merge.recipe.schema import DTYPE_ALIASES, DTYPES
 
     if not isinstance(g, dict):
         raise err("genome", "must be a mapping")

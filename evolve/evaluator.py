@@ -133,14 +133,15 @@ class CandidateBuilder:
         self.cache: dict = {}  # (model path, tensor name) -> tensor: shared by every candidate's loader
 
     def plan(self, recipe: dict, source: str = "<candidate>"):
-        from ray_merge.plan import plan_recipe
-        from ray_merge.recipe import recipe_from_dict
+        from ray_merge.planner.plan import plan_recipe
+        from ray_merge.recipe.load import recipe_from_dict
 
         return plan_recipe(recipe_from_dict(recipe, source=source), allow_crimes=self.allow_crimes, seed=self.seed)
 
     def build(self, recipe: dict, source: str = "<candidate>"):
         """(state dict, plan) of the merged candidate."""
-        from ray_merge.executor import ResidentLoader, merge_in_memory
+        from ray_merge.execute.loaders import ResidentLoader
+        from ray_merge.execute.stream import merge_in_memory
 
         plan = self.plan(recipe, source)
         loader = ResidentLoader(plan)
@@ -154,7 +155,7 @@ class CandidateBuilder:
 
 def tokenizer_dir(plan, scratch: str) -> str:
     """Where the candidates' tokenizer is: the donor's, or the one the recipe's tokenizer settings build."""
-    from ray_merge.vocab import tokenizer_writer
+    from ray_merge.output.tokenizer import tokenizer_writer
 
     writer = tokenizer_writer(plan, True)
     if writer is None:

@@ -57,9 +57,8 @@ class Gene:
 
 
 def num_layers_of(model: str, source: str = "<config>") -> int:
-    from ray_merge.architecture import get_config_value, layer_count_key
-    from ray_merge.io.models import read_config, resolve_model_dir
-    from ray_merge.recipe import ModelRef
+    from ray_merge.io.models import ModelRef, read_config, resolve_model_dir
+    from ray_merge.planner.architecture import get_config_value, layer_count_key
 
     path = resolve_model_dir(ModelRef.parse(model), weights=False)
     config = read_config(path, model)
@@ -137,8 +136,7 @@ class Genome:
 
     @classmethod
     def from_config(cls, cfg: GenomeConfig, source: str = "<config>") -> "Genome":
-        from ray_merge.io.models import resolve_model_dir
-        from ray_merge.recipe import ModelRef
+        from ray_merge.io.models import ModelRef, resolve_model_dir
 
         named = [(f"genome.models[{i}]", m) for i, m in enumerate(cfg.models)]
         if cfg.base_model is not None:

@@ -31,7 +31,7 @@ from evolve.evaluator import combined_score, format_exception
 from evolve.genome import Genome
 from evolve.storage import Storage
 from ray_merge.errors import UserError
-from ray_merge.tools_common import join_ray_cluster
+from ray_merge.execute.ray.session import join_ray_cluster
 
 log = logging.getLogger("ray_merge.evolve")
 INJECT_ENV = "RAY_MERGE_EVOLVE_INJECT_FAILURE"  # test-only: "ID[:N[:raise|exit]],..." (see evaluator.py)
@@ -317,8 +317,8 @@ def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions) -> dict:
 
     # The first recipe is planned here: a recipe the planner rejects fails now, with one line.
     first_recipe = genome.to_recipe(genome.initial())
-    from ray_merge.plan import plan_recipe
-    from ray_merge.recipe import recipe_from_dict
+    from ray_merge.planner.plan import plan_recipe
+    from ray_merge.recipe.load import recipe_from_dict
 
     plan_recipe(recipe_from_dict(first_recipe, source=f"{cfg.source} (genome -> recipe)"), seed=cfg.seed)
 

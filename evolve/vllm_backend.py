@@ -200,7 +200,11 @@ class VLLMWorkerLM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+        from lm_eval.models.utils import (
+            handle_stop_sequences,
+            normalize_gen_kwargs,
+            postprocess_generated_text,
+        )
 
         eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         prompts, params, stops = [], [], []

@@ -1,41 +1,27 @@
-"""One merge, start to finish: plan, execute (in process or on Ray), finalize."""
+"""One merge, start to finish: plan, execute (in process or on Ray), finalize.
+"""
 from __future__ import annotations
 
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import psutil
-
-from ray_merge.executor import ShardResult, write_shards
-from ray_merge.output import finalize, journal_shard, prepare_output
-from ray_merge.plan import DEFAULT_SHARD_BYTES, Plan, plan_recipe
-from ray_merge.recipe import Recipe
+from ray_merge.execute.local import run_in_process
+from ray_merge.execute.shards import ShardResult
+from ray_merge.options import MergeOptions
+from ray_merge.output.staging import (
+    ATTEMPTS_DIR,
+    finalize,
+    journal_shard,
+    prepare_output,
+)
+from ray_merge.output.tokenizer import tokenizer_writer
+from ray_merge.planner.memory import check_memory, default_memory_budget
+from ray_merge.planner.plan import Plan, plan_recipe
+from ray_merge.recipe.schema import Recipe
 
 log = logging.getLogger("ray_merge")
-# Ray workers write each shard under <staging>/ATTEMPTS_DIR, then rename it into place.
-ATTEMPTS_DIR = ".ray-merge-attempts"
-
-
-@dataclass
-class MergeOptions:
-    device: str = "cpu"
-    random_seed: Optional[int] = None
-    out_shard_bytes: int = DEFAULT_SHARD_BYTES
-    memory_budget: Optional[int] = None  # bytes; None: a safe share of RAM
-    copy_tokenizer: bool = True
-    write_model_card: bool = True
-    allow_crimes: bool = False
-    trust_remote_code: bool = False
-    resume: bool = False
-    quiet: bool = False
-    extra: dict = field(default_factory=dict)
-
-
-def default_memory_budget() -> int:
-    return int(psutil.virtual_memory().available * 0.6)
 
 
 def make_plan(recipe: Recipe, options: MergeOptions) -> Plan:
@@ -49,17 +35,9 @@ ShardExecutor = Callable[..., list[ShardResult]]
 
 def check_budget(plan: Plan, options: MergeOptions) -> None:
     """Fail before any work when a tensor cannot be merged within the memory budget."""
-    from ray_merge.executor import check_memory
 
     # tensors over the budget are merged in row chunks where the method allows it
     check_memory(plan, plan.shards, options.memory_budget or default_memory_budget())
-
-
-def run_in_process(plan: Plan, shards, stage: str, options: MergeOptions, on_shard, progress=None) -> list[ShardResult]:
-    budget = options.memory_budget or default_memory_budget()
-    return write_shards(plan, shards, stage, device=options.device, memory_budget=budget,
-                        on_tensor=(lambda pt: progress.update(pt.out_bytes)) if progress else None,
-                        on_shard=on_shard)
 
 
 def run_merge(recipe: Recipe, out_dir: str, options: MergeOptions,
@@ -87,7 +65,6 @@ def run_merge(recipe: Recipe, out_dir: str, options: MergeOptions,
     # an executor may say how it ran (the Ray executor: per-worker stats) for the manifest
     extra = getattr(executor, "manifest_extra", None)
     shutil.rmtree(os.path.join(stage, ATTEMPTS_DIR), ignore_errors=True)
-    from ray_merge.vocab import tokenizer_writer
 
     finalize(plan, stage, out_dir, records, copy_tokenizer=options.copy_tokenizer,
              write_model_card=options.write_model_card, extra_manifest=extra() if callable(extra) else extra,

@@ -17,3 +17,8 @@ class UserError(Exception):
             parts.append(str(key))
         prefix = ": ".join(parts)
         super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+def one_line(e: BaseException, limit: int = 500) -> str:
+    """An exception's message on one line, shortened: for error messages that quote another error."""
+    return " ".join(str(e).split())[:limit]

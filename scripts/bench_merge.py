@@ -96,7 +96,7 @@ def build_models(cache: str) -> None:
     """Base: random bf16 weights; fine-tunes: base + small seeded noise. Written as ~1 GB shards."""
     from safetensors.torch import save_file
 
-    from ray_merge.fixtures import save_tokenizer
+    from ray_merge.demo import save_tokenizer
 
     names = ["base", "ft0", "ft1", "ft2"]
     if all(os.path.exists(os.path.join(cache, n, "config.json")) for n in names):

@@ -6,9 +6,13 @@ import os
 import shutil
 
 import pytest
-
 from conftest import write_recipe
-from ray_merge.chat_template import BUILTIN_TEMPLATES, SAMPLE_CONVERSATION, render_sample
+
+from ray_merge.chat_template import (
+    BUILTIN_TEMPLATES,
+    SAMPLE_CONVERSATION,
+    render_sample,
+)
 
 CONV = [{"role": "system", "content": "Be brief."}] + SAMPLE_CONVERSATION
 
@@ -16,7 +20,7 @@ CONV = [{"role": "system", "content": "Be brief."}] + SAMPLE_CONVERSATION
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """Three small llama models (base + 2 fine-tunes); the second has ChatML tokens."""
-    from ray_merge.fixtures import build_model, perturb, save_model
+    from models import build_model, perturb, save_model
 
     root = tmp_path_factory.mktemp("chat")
     kw = dict(hidden=32, layers=1, intermediate=64, heads=2, kv_heads=1)
@@ -36,8 +40,9 @@ def tiny(tmp_path_factory):
 
 
 def _merge(tmp_path, text, *, name="out", copy_tokenizer=True, **subst):
-    from ray_merge.engine import MergeOptions, run_merge
-    from ray_merge.recipe import load_recipe
+    from ray_merge.engine import run_merge
+    from ray_merge.options import MergeOptions
+    from ray_merge.recipe.load import load_recipe
 
     recipe = write_recipe(tmp_path / f"{name}.yml", text, **subst)
     out = tmp_path / name

@@ -50,7 +50,7 @@ def test_corrupt_safetensors_header(tmp_path, models_dir):
 
 
 def test_shape_mismatch_names_tensor_and_models(tmp_path, models_dir):
-    from ray_merge.fixtures import build_model, save_model
+    from models import build_model, save_model
 
     wide = save_model(build_model("llama", hidden=32, layers=4, intermediate=176), str(tmp_path / "wide"))
     r = write_recipe(tmp_path / "r.yml", GOOD, A=models_dir / "llama_ft0", B=wide)
@@ -105,7 +105,8 @@ def test_existing_nonempty_output_is_not_touched(tmp_path, models_dir):
 def test_full_disk_is_reported_before_work(tmp_path, models_dir, monkeypatch, capsys):
     import collections
 
-    from ray_merge import cli, output
+    from ray_merge import cli
+    from ray_merge.output import staging as output
 
     Usage = collections.namedtuple("Usage", "total used free")
     monkeypatch.setattr(output.shutil, "disk_usage", lambda p: Usage(10**9, 10**9, 1000))

@@ -12,15 +12,16 @@ import tempfile
 import time
 
 import pytest
-
 from conftest import write_recipe
 
-from ray_merge.distributed import (TEST_DELAY_ENV, RayExecutor, WorkerSpec, assign_shards, shard_cost,
-                                   shard_need)
-from ray_merge.engine import MergeOptions, make_plan, run_merge
+from ray_merge.engine import make_plan, run_merge
 from ray_merge.errors import UserError
-from ray_merge.output import JOURNAL, MANIFEST
-from ray_merge.recipe import load_recipe
+from ray_merge.execute.ray.actor import TEST_DELAY_ENV
+from ray_merge.execute.ray.driver import RayExecutor
+from ray_merge.options import MergeOptions, WorkerSpec
+from ray_merge.output.staging import JOURNAL, MANIFEST
+from ray_merge.planner.shards import assign_shards, shard_cost, shard_need
+from ray_merge.recipe.load import load_recipe
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -283,7 +284,7 @@ def test_worker_killed_mid_merge(cluster, linear_ref, tmp_path, restart):
 def test_worker_memory_stays_within_budget(cluster, tmp_path):
     """Peak RSS of a worker (kernel high-water mark, measured in the actor) over its baseline stays
     within its memory budget plus a constant, for a model whose embedding needs ~160 MiB to merge."""
-    from ray_merge.fixtures import make_family
+    from models import make_family
 
     make_family(str(tmp_path / "m"), "llama", n_finetunes=2, seed=5, hidden=256, layers=1, intermediate=512,
                 vocab=32768, heads=4, kv_heads=2)

@@ -4,7 +4,6 @@ import os
 
 import pytest
 import torch
-
 from conftest import load_dir, run_cli, write_recipe
 
 LINEAR = """
@@ -95,7 +94,6 @@ dtype: bfloat16
 
 
 def test_gpt2_and_bin_inputs(tmp_path, models_dir):
-    from transformers import AutoModelForCausalLM
 
     import shutil
 
@@ -146,14 +144,15 @@ def test_plan_summary(tmp_path, models_dir):
 
 def test_resume_after_interruption(tmp_path, models_dir, monkeypatch):
     """A failure mid-merge leaves no finished-looking output; --resume reuses finished shards."""
-    from ray_merge import executor
-    from ray_merge.engine import MergeOptions, run_merge
-    from ray_merge.recipe import load_recipe
+    from ray_merge.engine import run_merge
+    from ray_merge.execute import stream
+    from ray_merge.options import MergeOptions
+    from ray_merge.recipe.load import load_recipe
 
     recipe = load_recipe(write_recipe(tmp_path / "r.yml", LINEAR, **{"M/": f"{models_dir}/"}))
     out = tmp_path / "out"
     opts = MergeOptions(out_shard_bytes=60_000, quiet=True)
-    real = executor.compute_tensor
+    real = stream.compute_tensor
     calls = {"n": 0}
 
     def flaky(pt, inputs, seed, device="cpu"):
@@ -162,14 +161,14 @@ def test_resume_after_interruption(tmp_path, models_dir, monkeypatch):
             raise KeyboardInterrupt
         return real(pt, inputs, seed, device)
 
-    monkeypatch.setattr(executor, "compute_tensor", flaky)
+    monkeypatch.setattr(stream, "compute_tensor", flaky)
     with pytest.raises(KeyboardInterrupt):
         run_merge(recipe, str(out), opts)
     assert not out.exists()
     stage = tmp_path / "out.ray-merge-partial"
     finished = {f: (stage / f).stat().st_mtime_ns for f in os.listdir(stage) if f.endswith(".safetensors")}
     assert finished and not any(f.endswith(".tmp") for f in os.listdir(stage))
-    monkeypatch.setattr(executor, "compute_tensor", real)
+    monkeypatch.setattr(stream, "compute_tensor", real)
     with pytest.raises(Exception, match="--resume"):
         run_merge(recipe, str(out), opts)
     opts.resume = True

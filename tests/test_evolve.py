@@ -15,15 +15,15 @@ from evolve.config import config_from_dict, load_config
 from evolve.genome import Genome
 from ray_merge.errors import UserError
 from ray_merge.methods import all_methods
-from ray_merge.plan import plan_recipe
-from ray_merge.recipe import recipe_from_dict
+from ray_merge.planner.plan import plan_recipe
+from ray_merge.recipe.load import recipe_from_dict
 
 TASKS = [{"name": "demo_arith", "metric": "exact_match,none"}]
 
 
 @pytest.fixture(scope="module")
 def fam(tmp_path_factory):
-    from ray_merge.fixtures import make_family
+    from models import make_family
 
     root = tmp_path_factory.mktemp("evfam")
     make_family(str(root), "llama", n_finetunes=2, seed=3, hidden=32, layers=4, intermediate=64, heads=2,

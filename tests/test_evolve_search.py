@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import load_dir, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,8 +27,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def demo_models() -> Path:
-    import lm_eval  # noqa: F401
     import cma  # noqa: F401
+    import lm_eval  # noqa: F401
     spec = importlib.util.spec_from_file_location("make_demo_models", REPO / "scripts" / "make_demo_models.py")
     mdm = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("make_demo_models", mdm)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from test_evolve_search import TASK_DIR, demo_models  # noqa: F401 - the demo models fixture
 
 pytestmark = pytest.mark.slow

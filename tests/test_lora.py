@@ -6,9 +6,9 @@ import os
 
 import pytest
 import torch
+from models import build_model, save_model
 
 from ray_merge import cli
-from ray_merge.fixtures import build_model, save_model
 
 KW = dict(hidden=64, layers=2, intermediate=128, dtype=torch.float32)
 
@@ -246,7 +246,7 @@ def test_identical_models_and_existing_output(llama_pair, tmp_path, capsys):
 
 def test_memory_budget_picks_the_svd(llama_pair, tmp_path, capsys):
     from ray_merge.errors import UserError
-    from ray_merge.lora import LoraJob, LoraOptions, choose_svd, svd_working_bytes
+    from ray_merge.tools.lora import LoraJob, LoraOptions, choose_svd, svd_working_bytes
 
     job = LoraJob("m", "linear", "m.weight", None, False, (4096, 1024), 2 * 4096 * 1024 * 2)
     full = svd_working_bytes(job, "full", 16)

@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 import yaml
+from conftest import load_dir
 
 from ray_merge import cli
-from conftest import load_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IDS = torch.randint(4, 250, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -169,7 +169,7 @@ def test_missing_and_malformed_config(tmp_path, capsys):
 
 
 def test_example_configs_parse():
-    from ray_merge.moe import load_moe_config
+    from ray_merge.tools.moe import load_moe_config
 
     folder = os.path.join(REPO, "configs", "moe")
     names = sorted(os.listdir(folder))

@@ -5,8 +5,8 @@ import os
 
 import pytest
 import torch
-
 from conftest import load_dir
+
 from ray_merge import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,7 +177,7 @@ def test_bad_arguments(tmp_path, capsys):
 
 
 def test_example_config_loads(tmp_path):
-    from ray_merge.multi import load_multi
+    from ray_merge.tools.multi import load_multi
 
     plan = load_multi(os.path.join(REPO, "configs", "multi", "three-stage.yml"), str(tmp_path))
     assert [s.label for s in plan.stages] == ["first-merge", "second-merge", "(final)"]

@@ -3,7 +3,8 @@ import pytest
 
 from ray_merge.errors import UserError
 from ray_merge.methods import get_method
-from ray_merge.recipe import _MISSING, evaluate_setting, load_recipe, recipe_from_dict, resolve
+from ray_merge.recipe.load import load_recipe, recipe_from_dict
+from ray_merge.recipe.params import _MISSING, evaluate_setting, resolve
 
 
 def _write(tmp_path, text):

@@ -12,10 +12,9 @@ import uuid
 
 import pytest
 import yaml
-
 from conftest import run_cli, write_recipe
 
-from ray_merge.output import MANIFEST
+from ray_merge.output.staging import MANIFEST
 
 SHARD = 30_000
 
@@ -40,7 +39,7 @@ def read_files(d) -> dict[str, bytes]:
 # --------------------------------------------------------------------------------------------
 
 def test_shipped_recipe_has_absolute_model_paths(models_dir, tmp_path, monkeypatch):
-    from ray_merge.cli_cluster import ship_recipe
+    from ray_merge.cli.cluster import ship_recipe
 
     monkeypatch.chdir(models_dir)
     src = write_recipe(tmp_path / "rel.yml", LINEAR + "base_model: llama_base\n", **{"M/": ""})
@@ -55,7 +54,7 @@ def test_shipped_recipe_has_absolute_model_paths(models_dir, tmp_path, monkeypat
 
 def test_submit_forwards_run_options():
     from ray_merge.cli import build_parser
-    from ray_merge.cli_cluster import forwarded_run_args
+    from ray_merge.cli.cluster import forwarded_run_args
 
     args = build_parser().parse_args([
         "submit", "r.yml", "out", "--address", "http://h:8265", "--workers", "4", "--worker-memory", "16GiB",
@@ -160,8 +159,9 @@ def head():
 
 @pytest.fixture(scope="module")
 def reference(models_dir, tmp_path_factory):
-    from ray_merge.engine import MergeOptions, run_merge
-    from ray_merge.recipe import load_recipe
+    from ray_merge.engine import run_merge
+    from ray_merge.options import MergeOptions
+    from ray_merge.recipe.load import load_recipe
 
     d = tmp_path_factory.mktemp("submit")
     recipe = write_recipe(d / "linear.yml", LINEAR, **{"M/": f"{models_dir}/"})

@@ -14,9 +14,8 @@ import random
 
 import pytest
 import torch
-
 from conftest import load_dir, run_cli, write_recipe
-from ray_merge.fixtures import WORDS, build_model, perturb, save_tokenizer
+from models import WORDS, build_model, perturb, save_tokenizer
 
 CHATML = ["<|im_start|>", "<|im_end|>"]
 EXTRA_WORDS = [f"x{i}" for i in range(6)]
@@ -127,8 +126,9 @@ def _expected(out_dir, inputs, base=None, name="model.embed_tokens.weight", over
 
 
 def _merge(tmp_path, text, name="out", **kw):
-    from ray_merge.engine import MergeOptions, run_merge
-    from ray_merge.recipe import load_recipe
+    from ray_merge.engine import run_merge
+    from ray_merge.options import MergeOptions
+    from ray_merge.recipe.load import load_recipe
 
     path = write_recipe(tmp_path / f"{name}.yml", text, **kw)
     out = tmp_path / name
@@ -278,14 +278,17 @@ tokenizer:
 
 def test_remap_chunked_identical_to_whole(tmp_path, vocab_models):
     """A tiny memory budget streams the embeddings in many row chunks, with identical bytes."""
-    from ray_merge.engine import MergeOptions, make_plan
-    from ray_merge.executor import TensorLoader, merge_in_memory, write_shards
-    from ray_merge.vocab import RemappedRows
+    from ray_merge.engine import make_plan
+    from ray_merge.execute.loaders import TensorLoader
+    from ray_merge.execute.rows import RemappedRows
+    from ray_merge.execute.shards import write_shards
+    from ray_merge.execute.stream import merge_in_memory
+    from ray_merge.options import MergeOptions
 
     m = vocab_models
     text = LINEAR_UNION.replace("dtype: float32", "dtype: bfloat16") + "  pad_to_multiple_of: 64\n"
     path = write_recipe(tmp_path / "r.yml", text, **_subst(m))
-    from ray_merge.recipe import load_recipe
+    from ray_merge.recipe.load import load_recipe
 
     recipe = load_recipe(path)
     plan = make_plan(recipe, MergeOptions())
@@ -312,11 +315,14 @@ def test_remap_chunked_identical_to_whole(tmp_path, vocab_models):
 @pytest.mark.parametrize("method", ["ties", "slerp"])
 def test_whole_tensor_methods_see_aligned_inputs(tmp_path, vocab_models, method):
     """Methods that need whole tensors get the remapped per-model tensors (built chunk by chunk)."""
-    from ray_merge.engine import MergeOptions, make_plan
-    from ray_merge.executor import TensorLoader, compute_tensor, merge_in_memory
+    from ray_merge.engine import make_plan
+    from ray_merge.execute.compute import compute_tensor
+    from ray_merge.execute.loaders import TensorLoader
+    from ray_merge.execute.rows import RemappedRows, _InputRows
+    from ray_merge.execute.stream import merge_in_memory
     from ray_merge.methods import get_method
-    from ray_merge.recipe import load_recipe
-    from ray_merge.vocab import RemappedRows, _InputRows
+    from ray_merge.options import MergeOptions
+    from ray_merge.recipe.load import load_recipe
 
     get_method(method)
     m = vocab_models
@@ -358,7 +364,7 @@ tokenizer:
 @pytest.mark.parametrize("kind, name", [("qwen2", "model.embed_tokens.weight"), ("gpt2", "transformer.wte.weight")])
 def test_tied_embeddings_union(tmp_path, kind, name):
     """Tied input/output embeddings (qwen2, gpt2's wte): one vocabulary tensor, remapped."""
-    from ray_merge.fixtures import save_model
+    from models import save_model
 
     kw = dict(KW) if kind == "qwen2" else dict(hidden=32, layers=1, heads=2)
     base = build_model(kind, vocab=256, seed=2, **kw)
@@ -425,9 +431,10 @@ models:
   - model: CHATML
     parameters: {weight: 0.5}
 """
-    from ray_merge.engine import MergeOptions, make_plan
+    from ray_merge.engine import make_plan
     from ray_merge.errors import UserError
-    from ray_merge.recipe import load_recipe
+    from ray_merge.options import MergeOptions
+    from ray_merge.recipe.load import load_recipe
 
     recipe = write_recipe(tmp_path / "r.yml", text, **_subst(m))
     with pytest.raises(UserError, match="different shapes.*tokenizer: {source: union}"):
@@ -464,11 +471,12 @@ ERROR_CASES = [
 
 @pytest.mark.parametrize("snippet, message", ERROR_CASES)
 def test_recipe_errors_before_any_tensor_is_read(tmp_path, vocab_models, snippet, message, monkeypatch):
-    from ray_merge.engine import MergeOptions, run_merge
+    from ray_merge.engine import run_merge
     from ray_merge.errors import UserError
+    from ray_merge.execute.rows import _InputRows
     from ray_merge.io.models import WeightReader
-    from ray_merge.recipe import load_recipe
-    from ray_merge.vocab import _InputRows
+    from ray_merge.options import MergeOptions
+    from ray_merge.recipe.load import load_recipe
 
     def no_reads(*a, **k):
         raise AssertionError("a tensor was read")

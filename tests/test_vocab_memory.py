@@ -32,7 +32,7 @@ def _status() -> dict:
 
 
 def _build(root: str) -> dict:
-    from ray_merge.fixtures import build_model, save_tokenizer
+    from models import build_model, save_tokenizer
 
     words = ["<unk>", "<s>", "</s>", "<pad>"] + [f"w{i}" for i in range(V - 4)]
     kw = dict(hidden=H, layers=1, intermediate=64, heads=4, kv_heads=2)
@@ -104,8 +104,9 @@ def test_embedding_merge_stays_under_memory_budget(tmp_path):
     assert stats["peak_rss_delta"] < BUDGET, stats
 
     # the streamed result is the one computed whole, in memory
-    from ray_merge.engine import MergeOptions, run_merge
-    from ray_merge.recipe import load_recipe
+    from ray_merge.engine import run_merge
+    from ray_merge.options import MergeOptions
+    from ray_merge.recipe.load import load_recipe
 
     whole = tmp_path / "whole"
     run_merge(load_recipe(str(recipe)), str(whole), MergeOptions(quiet=True, memory_budget=2**34))
@@ -116,8 +117,9 @@ def test_embedding_merge_stays_under_memory_budget(tmp_path):
 def _child(recipe_path: str, out: str, budget: int) -> None:
     import gc
 
-    from ray_merge.engine import MergeOptions, make_plan, run_merge
-    from ray_merge.recipe import load_recipe
+    from ray_merge.engine import make_plan, run_merge
+    from ray_merge.options import MergeOptions
+    from ray_merge.recipe.load import load_recipe
 
     opts = MergeOptions(quiet=True, memory_budget=budget)
     recipe = load_recipe(recipe_path)

@@ -117,8 +117,9 @@ def test_vocab_agrees_with_mergekit(tmp_path, vocab_models, case):  # noqa: F811
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
 
-    from ray_merge.engine import MergeOptions, run_merge
-    from ray_merge.recipe import load_recipe
+    from ray_merge.engine import run_merge
+    from ray_merge.options import MergeOptions
+    from ray_merge.recipe.load import load_recipe
 
     run_merge(load_recipe(recipe), str(our_out), MergeOptions(quiet=True, random_seed=0))
 

@@ -15,7 +15,6 @@ from typing import Optional
 import torch
 
 from ray_merge.errors import UserError
-from ray_merge.recipe import ModelRef
 
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
                    "pytorch_model.bin.index.json"]
@@ -235,3 +234,22 @@ class WeightReader:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model reference: a local path, or a hub id with an optional ``@revision``."""
+
+    path: str
+    revision: Optional[str] = None
+
+    @classmethod
+    def parse(cls, value: str) -> "ModelRef":
+        value = str(value).strip()
+        if "@" in value and not os.path.exists(value):
+            path, _, rev = value.rpartition("@")
+            return cls(path, rev or None)
+        return cls(value)
+
+    def __str__(self) -> str:
+        return f"{self.path}@{self.revision}" if self.revision else self.path

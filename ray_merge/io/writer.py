@@ -8,12 +8,12 @@ them back with the safetensors library in the tests.
 """
 from __future__ import annotations
 
-import xxhash
 import json
 import os
 from typing import Iterable
 
 import torch
+import xxhash
 
 _ST_DTYPE = {
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",

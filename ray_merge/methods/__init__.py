@@ -1,6 +1,4 @@
 """Merge method registry. Importing this package registers every method."""
-from ray_merge.methods.base import MergeInputs, MergeMethod, Param, all_methods, get_method, register
-
 # Each module registers its methods on import.
 from ray_merge.methods import (  # noqa: F401,E402
     arcee_fusion,
@@ -11,6 +9,14 @@ from ray_merge.methods import (  # noqa: F401,E402
     sce,
     spherical,
     task_arithmetic,
+)
+from ray_merge.methods.base import (
+    MergeInputs,
+    MergeMethod,
+    Param,
+    all_methods,
+    get_method,
+    register,
 )
 
 __all__ = ["MergeInputs", "MergeMethod", "Param", "all_methods", "get_method", "register"]

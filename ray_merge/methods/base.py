@@ -12,6 +12,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ray_merge.errors import UserError
+
 REQUIRED = object()  # sentinel: a parameter with no default
 
 
@@ -128,7 +130,6 @@ class MergeMethod:
 
     def check_inputs(self, n_inputs: int, has_base: bool, where: str = "") -> None:
         """Raise a UserError when a tensor's input count breaks the method's contract."""
-        from ray_merge.errors import UserError
 
         label = f" for {where}" if where else ""
         if self.base_model == "required" and not has_base:
@@ -173,7 +174,6 @@ def register(method: MergeMethod) -> MergeMethod:
 
 
 def get_method(name: str) -> MergeMethod:
-    from ray_merge.errors import UserError
 
     if name not in _REGISTRY:
         raise UserError(

@@ -86,7 +86,6 @@ class Keep:
         """Zero, in place, the dropped entries of the chunk beginning at ``start``."""
 
 
-
 @dataclass
 class KeepNone(Keep):
     def apply_(self, delta: torch.Tensor, start: int) -> None:

@@ -27,9 +27,8 @@ import torch
 from ray_merge.methods import sparsify
 from ray_merge.methods._common import base_and_others, round_, round_scalar
 from ray_merge.methods._select import CHUNK
-from ray_merge.methods.consensus import SUM, agreeing_sum_, elect_sign
 from ray_merge.methods.base import MergeInputs, MergeMethod, Param, register
-
+from ray_merge.methods.consensus import SUM, agreeing_sum_, elect_sign
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,9 @@ import json
 import sys
 
 import torch
-from safetensors.torch import load_file, save_file
-
 from mergekit import merge_methods
 from mergekit.merge_methods.base import ParameterScope
+from safetensors.torch import load_file, save_file
 
 
 def run_case(case, tensors):

@@ -5,10 +5,7 @@ error names the file, the key path and the problem.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import yaml
@@ -16,85 +13,20 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ray_merge.errors import UserError
+from ray_merge.io.models import ModelRef
+from ray_merge.methods import get_method
+from ray_merge.recipe.params import _is_scalar
+from ray_merge.recipe.schema import (
+    DTYPE_ALIASES,
+    DTYPES,
+    TOP_LEVEL_KEYS,
+    OutputSlice,
+    Recipe,
+    SliceSource,
+)
+from ray_merge.recipe.tokenizer import check_recipe
 
 Scalar = Union[bool, int, float, str]
-
-DTYPES = ("float32", "float16", "bfloat16", "float64")
-DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
-                 "float": "float32", "fp64": "float64", "double": "float64"}
-
-TOP_LEVEL_KEYS = {
-    "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-    "tokenizer_source", "tokenizer", "chat_template", "name",
-}
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A model reference: a local path, or a hub id with an optional ``@revision``."""
-
-    path: str
-    revision: Optional[str] = None
-
-    @classmethod
-    def parse(cls, value: str) -> "ModelRef":
-        value = str(value).strip()
-        if "@" in value and not os.path.exists(value):
-            path, _, rev = value.rpartition("@")
-            return cls(path, rev or None)
-        return cls(value)
-
-    def __str__(self) -> str:
-        return f"{self.path}@{self.revision}" if self.revision else self.path
-
-
-@dataclass
-class SliceSource:
-    model: ModelRef
-    layer_range: Optional[tuple[int, int]]  # None: every layer (from `models:`)
-    parameters: dict = field(default_factory=dict)
-
-
-@dataclass
-class OutputSlice:
-    sources: list[SliceSource]
-    base_model: Optional[ModelRef] = None
-    parameters: dict = field(default_factory=dict)
-
-
-@dataclass
-class Recipe:
-    merge_method: str
-    slices: list[OutputSlice]
-    from_models: bool  # written with `models:` (one slice spanning every layer)
-    base_model: Optional[ModelRef] = None
-    parameters: dict = field(default_factory=dict)
-    dtype: Optional[str] = None
-    out_dtype: Optional[str] = None
-    tokenizer_source: Optional[str] = None
-    tokenizer: Optional[dict] = None
-    chat_template: Optional[str] = None
-    source: str = "<recipe>"
-    raw: dict = field(default_factory=dict)
-
-    def referenced_models(self) -> list[ModelRef]:
-        """Every model the recipe names, in first-mention order, base first."""
-        seen: dict[ModelRef, None] = {}
-        if self.base_model:
-            seen[self.base_model] = None
-        for s in self.slices:
-            if s.base_model:
-                seen[s.base_model] = None
-            for src in s.sources:
-                seen[src.model] = None
-        return list(seen)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.raw, sort_keys=False)
-
-    @property
-    def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()
 
 
 def load_yaml(path: str, overrides: Optional[list[str]] = None, *, what: str = "recipe") -> dict:
@@ -104,7 +36,7 @@ def load_yaml(path: str, overrides: Optional[list[str]] = None, *, what: str = "
     try:
         conf = OmegaConf.load(path)
     except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as e:
-        raise UserError(f"malformed YAML: {_one_line(e)}", source=path)
+        raise UserError(f"malformed YAML: {one_line(e)}", source=path)
     return _apply_overrides(conf, path, overrides, what)
 
 
@@ -118,11 +50,11 @@ def _apply_overrides(conf, source: str, overrides: Optional[list[str]], what: st
         try:
             OmegaConf.update(conf, key.strip(), yaml.safe_load(value), force_add=True)
         except (OmegaConfBaseException, yaml.YAMLError) as e:
-            raise UserError(f"cannot apply --set {item!r}: {_one_line(e)}", source=source)
+            raise UserError(f"cannot apply --set {item!r}: {one_line(e)}", source=source)
     try:
         return OmegaConf.to_container(conf, resolve=True)
     except OmegaConfBaseException as e:
-        raise UserError(f"cannot resolve the {what}: {_one_line(e)}", source=source)
+        raise UserError(f"cannot resolve the {what}: {one_line(e)}", source=source)
 
 
 def load_recipe(path: str, overrides: Optional[list[str]] = None) -> Recipe:
@@ -138,12 +70,11 @@ def recipe_from_conf(conf, source: str, overrides: Optional[list[str]] = None) -
     return _validate(_apply_overrides(conf, source, overrides), source)
 
 
-def _one_line(e: Exception) -> str:
+def one_line(e: Exception) -> str:
     return " ".join(str(e).split())
 
 
 def _validate(data: dict, source: str) -> Recipe:
-    from ray_merge.methods import get_method
 
     def err(key: str, msg: str) -> UserError:
         return UserError(msg, source=source, key=key)
@@ -286,7 +217,6 @@ def _validate(data: dict, source: str) -> Recipe:
         source=source,
         raw=data,
     )
-    from ray_merge.vocab import check_recipe
 
     check_recipe(recipe, err)  # the tokenizer block and the chat template (rendered in a sandbox)
     return recipe
@@ -311,10 +241,6 @@ def _dtype(value: Any, key: str, err) -> Optional[str]:
     if v not in DTYPES:
         raise err(key, f"unknown dtype {value!r} (use one of {', '.join(DTYPES)})")
     return v
-
-
-def _is_scalar(v: Any) -> bool:
-    return isinstance(v, (bool, int, float, str))
 
 
 def _parameters(value: Any, key: str, err) -> dict:
@@ -368,60 +294,3 @@ def _parameter_blocks(params: dict, slices: list[OutputSlice], from_models: bool
 # ---------------------------------------------------------------------------
 # Parameter resolution: filters, gradients and precedence
 # ---------------------------------------------------------------------------
-
-_MISSING = object()
-
-
-def evaluate_setting(setting: Any, tensor_name: str, t: float, kind: type) -> Any:
-    """Resolve one parameter setting for a tensor at gradient position ``t`` in [0, 1].
-
-    Returns ``_MISSING`` when no condition matches. Numeric gradients interpolate
-    linearly between evenly spaced anchors; non-numeric lists pick the nearest lower.
-    """
-    if isinstance(setting, dict):
-        setting = [setting]
-    if _is_scalar(setting):
-        return _coerce(setting, kind)
-    if isinstance(setting, list):
-        if all(_is_scalar(v) for v in setting):
-            values = [_coerce(v, kind) for v in setting]
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-                return values[int(t * (len(values) - 1))]
-            pos = t * (len(values) - 1)
-            i0 = int(pos)
-            i1 = min(len(values) - 1, i0 + 1)
-            frac = pos - i0
-            return _coerce((1 - frac) * values[i0] + frac * values[i1], kind)
-        for cond in setting:
-            flt = cond.get("filter")
-            if flt is None or flt == "*" or (tensor_name and flt in tensor_name):
-                return evaluate_setting(cond["value"], tensor_name, t, kind)
-    return _MISSING
-
-
-def _coerce(v: Any, kind: type) -> Any:
-    if kind is bool:
-        if isinstance(v, str):
-            return v.strip().lower() in ("1", "true", "yes", "on")
-        return bool(v)
-    if kind is int and not isinstance(v, bool):
-        try:
-            return int(v) if float(v) == int(float(v)) else float(v)
-        except (TypeError, ValueError):
-            return v
-    if kind is float and isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return v
-    return v
-
-
-def resolve(param, scopes: list[dict], tensor_name: str, t: float) -> Any:
-    """First scope (highest precedence first) that sets ``param`` for this tensor wins."""
-    for scope in scopes:
-        if scope and param.name in scope:
-            value = evaluate_setting(scope[param.name], tensor_name, t, param.kind)
-            if value is not _MISSING and value is not None:
-                return value
-    return _MISSING

@@ -26,14 +26,28 @@ from typing import Optional
 
 import yaml
 
+from ray_merge.engine import run_merge
 from ray_merge.errors import UserError
-from ray_merge.output import MANIFEST, staging_dir
-from ray_merge.recipe import Recipe, recipe_from_dict
+from ray_merge.execute.ray.session import (
+    concurrency,
+    ray_session,
+    task_options,
+    unwrap_ray_error,
+)
+from ray_merge.output.staging import MANIFEST, staging_dir
+from ray_merge.planner.memory import default_memory_budget
+from ray_merge.recipe.load import recipe_from_dict
+from ray_merge.recipe.schema import Recipe
 
 log = logging.getLogger("ray_merge.multi")
 
+
 STATE_FILE = "ray_merge_multi_state.json"
+
+
 FINAL = "final"
+
+
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 
@@ -235,7 +249,6 @@ def _made_by_us(out: str) -> bool:
 
 def run_stage(recipe: Recipe, out: str, options, rebuild: bool) -> float:
     """Merge one stage into ``out`` (with ``rebuild``, replacing what is there once the new one is done)."""
-    from ray_merge.engine import run_merge
 
     start = time.time()
     if rebuild and os.path.exists(out):
@@ -312,8 +325,6 @@ def run_multi(path: str, out_dir: str, options, *, out_path: Optional[str] = Non
 
 
 def _run_on_ray(todo: list[Stage], options, rebuild: dict, finished, spec, verbose: int) -> None:
-    from ray_merge.engine import default_memory_budget
-    from ray_merge.tools_common import concurrency, ray_session, task_options, unwrap_ray_error
 
     pending = list(todo)
     waiting_on = {st.name for st in todo}

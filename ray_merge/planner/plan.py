@@ -10,25 +10,26 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
-
-from ray_merge.architecture import Layout, infer_layout, layer_count_key, set_config_value
+from ray_merge.dtypes import DTYPE_BY_NAME, dtype_name, itemsize
 from ray_merge.errors import UserError
-from ray_merge.io.models import TensorMeta, index_weights, read_config, resolve_model_dir
+from ray_merge.io.models import (
+    ModelRef,
+    TensorMeta,
+    index_weights,
+    read_config,
+    resolve_model_dir,
+)
 from ray_merge.methods import MergeMethod, get_method
-from ray_merge.recipe import ModelRef, OutputSlice, Recipe, resolve
-
-DEFAULT_SHARD_BYTES = 5_000_000_000
-DTYPE_BY_NAME = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                 "float64": torch.float64}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def itemsize(name: str) -> int:
-    return getattr(torch, name).itemsize
+from ray_merge.options import DEFAULT_SHARD_BYTES
+from ray_merge.planner.architecture import (
+    Layout,
+    infer_layout,
+    layer_count_key,
+    set_config_value,
+)
+from ray_merge.planner.vocab import shape_mismatch_hint, vocab_planner
+from ray_merge.recipe.params import _MISSING, resolve
+from ray_merge.recipe.schema import OutputSlice, Recipe, SliceSource
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,6 @@ class Planner:
 
         donor_ref = recipe.base_model or slices[0].sources[0].model
         donor = self.meta(donor_ref)
-        from ray_merge.vocab import vocab_planner
 
         self.vocab = vocab_planner(recipe, [(str(r), self._meta[r].path, self._meta[r].config) for r in self._order],
                                    self._order.index(donor_ref))
@@ -254,7 +254,6 @@ class Planner:
                                     source=recipe.source, key="models")
             base = sl.base_model or recipe.base_model
             if recipe.from_models and base is not None and all(s.model != base for s in sources):
-                from ray_merge.recipe import SliceSource
 
                 n = self.meta(base).layout.num_layers
                 sources.append(SliceSource(model=base, layer_range=(0, n)))
@@ -297,7 +296,6 @@ class Planner:
         if vocab_rows:  # rows are remapped to the output vocabulary; the widths must agree
             self.vocab.check_shapes(out_name, metas)
         elif len(shapes) > 1:
-            from ray_merge.vocab import shape_mismatch_hint
 
             desc = ", ".join(f"{ref}: {list(tm.shape)}" for ref, _, tm in metas)
             raise UserError(f"tensor {out_name} has different shapes across models ({desc})"
@@ -367,7 +365,6 @@ class Planner:
         return pt
 
     def _default(self, p, value, tensor: str, model: Optional[ModelRef], *, is_base: bool):
-        from ray_merge.recipe import _MISSING
 
         if value is not _MISSING:
             return value

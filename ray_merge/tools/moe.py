@@ -27,28 +27,44 @@ from typing import Optional
 import torch
 import yaml
 
-from ray_merge.architecture import infer_layout
 from ray_merge.errors import UserError
-from ray_merge.io.models import WeightReader, index_weights, read_config, resolve_model_dir
-from ray_merge.recipe import DTYPE_ALIASES, DTYPES, ModelRef
-from ray_merge.tools_common import (
+from ray_merge.execute.compute import tensor_seed
+from ray_merge.io.models import (
+    ModelRef,
+    WeightReader,
+    index_weights,
+    read_config,
+    resolve_model_dir,
+)
+from ray_merge.output.files import (
     OutTensor,
     abort_output,
     begin_output,
     copy_model_extras,
     finish_output,
-    note,
-    versions,
     write_json,
     write_sharded,
 )
+from ray_merge.output.staging import package_versions
+from ray_merge.planner.architecture import infer_layout
+from ray_merge.recipe.schema import DTYPE_ALIASES, DTYPES
+from ray_merge.tools.common import note
 
 log = logging.getLogger("ray_merge.moe")
 
+
 GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
+
+
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
 MIXTRAL_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+
 CONFIG_KEYS = {"base_model", "experts", "gate_mode", "dtype", "experts_per_token", "shared_experts", "architecture"}
+
+
 EXPERT_KEYS = {"source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale"}
 
 
@@ -407,7 +423,6 @@ def out_config(arch: str, base_cfg: dict, cfg: MoEConfig, intermediate: int, dty
 
 
 def build_moe(cfg: MoEConfig, out_dir: str, opts: MoEOptions) -> MoEResult:
-    from ray_merge.executor import tensor_seed
 
     start = time.time()
     cache: dict = {}
@@ -523,7 +538,7 @@ def build_moe(cfg: MoEConfig, out_dir: str, opts: MoEOptions) -> MoEResult:
             "gate_mode": cfg.gate_mode,
             "random_seed": opts.random_seed,
             "inputs": [{"ref": str(m.ref), "path": m.path} for m in cache.values()],
-            "versions": versions(),
+            "versions": package_versions(),
         })
         finish_output(stage, out_dir)
     except BaseException:

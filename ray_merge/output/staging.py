@@ -15,14 +15,15 @@ import time
 from typing import Optional
 
 from ray_merge.errors import UserError
-from ray_merge.plan import Plan
+from ray_merge.io.tokenizers import TOKENIZER_FILES
+from ray_merge.planner.plan import Plan
 
+# Ray workers write each shard under <staging>/ATTEMPTS_DIR, then rename it into place.
+ATTEMPTS_DIR = ".ray-merge-attempts"
 JOURNAL = "journal.jsonl"
+
+
 MANIFEST = "ray_merge_manifest.json"
-TOKENIZER_FILES = (
-    "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
-    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
-)
 
 
 def staging_dir(out_dir: str) -> str:
@@ -138,7 +139,7 @@ def finalize(plan: Plan, stage: str, out_dir: str, shard_records: dict[int, dict
         "random_seed": plan.seed,
         "inputs": [{"ref": m.ref, "path": m.path} for m in plan.models],
         "shards": [shard_records[s.index] for s in plan.shards],
-        "versions": _versions(),
+        "versions": package_versions(),
         **(extra_manifest or {}),
     }
     _write_json(os.path.join(stage, MANIFEST), manifest)
@@ -184,7 +185,7 @@ def model_card(plan: Plan, recipe_yaml: str) -> str:
     return "\n".join(lines)
 
 
-def _versions() -> dict:
+def package_versions() -> dict:
     import importlib.metadata as md
 
     out = {"python": sys.version.split()[0], "platform": platform.platform()}

@@ -1,4 +1,5 @@
-"""`ray-merge run`, `ray-merge plan` and `ray-merge methods`."""
+"""`ray-merge run`, `ray-merge plan` and `ray-merge methods`.
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,7 @@ from ray_merge.methods.base import REQUIRED
 
 
 def add_merge_options(p: argparse.ArgumentParser) -> None:
-    from ray_merge.cli import parse_size
+    from ray_merge.units import parse_size
 
     p.add_argument("recipe", help="mergekit-style YAML recipe")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -27,7 +28,7 @@ def add_merge_options(p: argparse.ArgumentParser) -> None:
 
 def add_run_options(run: argparse.ArgumentParser) -> None:
     """`run`'s own options (after add_merge_options); `submit` forwards them to the job's `run`."""
-    from ray_merge.distributed import add_worker_options
+    from ray_merge.cli.options import add_worker_options
 
     run.add_argument("out", help="output directory (written under a temporary name, renamed when complete)")
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cpu)")
@@ -41,7 +42,7 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub) -> None:
-    from ray_merge.distributed import add_worker_options
+    from ray_merge.cli.options import add_worker_options
 
     run = sub.add_parser("run", help="run a merge recipe")
     add_merge_options(run)
@@ -56,14 +57,14 @@ def add_parser(sub) -> None:
     methods = sub.add_parser("methods", help="list merge methods and their parameters")
     methods.set_defaults(func=cmd_methods)
 
-    demo = sub.add_parser("demo", help="build small local models and merge them with configs/demo.yml")
+    demo = sub.add_parser("demo", help="build small local models and merge them (the recipe of configs/demo.yml)")
     demo.add_argument("--workdir", default="demo_out", help="where the models and the merge go (default demo_out)")
-    demo.add_argument("--recipe", default=None, help="recipe with DEMO/ paths (default configs/demo.yml)")
+    demo.add_argument("--recipe", default=None, help="a recipe whose model paths start with DEMO/ (default: the built-in demo recipe)")
     demo.set_defaults(func=cmd_demo)
 
 
 def _options(args):
-    from ray_merge.engine import MergeOptions
+    from ray_merge.options import MergeOptions
 
     device = "cuda" if getattr(args, "cuda", False) else (getattr(args, "device", None) or "cpu")
     return MergeOptions(
@@ -92,7 +93,7 @@ def _check_device(device: str) -> None:
 
 def cmd_run(args) -> int:
     from ray_merge.engine import run_merge
-    from ray_merge.recipe import load_recipe
+    from ray_merge.recipe.load import load_recipe
 
     for flag in ("lazy_unpickle", "low_cpu_memory", "read_to_gpu", "async_write"):
         if getattr(args, flag, False):
@@ -103,7 +104,7 @@ def cmd_run(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     executor = None
     if getattr(args, "workers", None) or getattr(args, "address", None):  # on Ray: ray_merge/distributed.py
-        from ray_merge.distributed import executor_from_args
+        from ray_merge.cli.options import executor_from_args
 
         executor = executor_from_args(args)
     start = time.time()
@@ -118,14 +119,14 @@ def cmd_run(args) -> int:
 
 def cmd_plan(args) -> int:
     from ray_merge.engine import make_plan
-    from ray_merge.recipe import load_recipe
+    from ray_merge.recipe.load import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     options = _options(args)
     plan = make_plan(recipe, options)
     print(format_plan(plan))
     if getattr(args, "workers", None) or getattr(args, "address", None):
-        from ray_merge.distributed import plan_assignment
+        from ray_merge.cli.options import plan_assignment
 
         print(plan_assignment(plan, args, options))
     return 0
@@ -176,23 +177,22 @@ def cmd_demo(args) -> int:
     import os
     import shutil
 
-    from ray_merge.engine import MergeOptions, run_merge
+    from ray_merge.demo import DEMO_RECIPE, make_demo_models
+    from ray_merge.engine import run_merge
     from ray_merge.errors import UserError
-    from ray_merge.fixtures import make_family
-    from ray_merge.recipe import recipe_from_conf
+    from ray_merge.options import MergeOptions
+    from ray_merge.recipe.load import recipe_from_conf
 
-    recipe_path = args.recipe or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                              "configs", "demo.yml")
-    if not os.path.isfile(recipe_path):
-        raise UserError("demo recipe not found; pass --recipe", source=recipe_path)
+    if args.recipe and not os.path.isfile(args.recipe):
+        raise UserError("demo recipe not found", source=args.recipe)
+    recipe_path = args.recipe or "<demo recipe>"
     models = os.path.join(os.path.abspath(args.workdir), "models")
     if not os.path.isdir(os.path.join(models, "llama_ft1")):
         print(f"building demo models in {models} ...", file=sys.stderr)
-        make_family(models, "llama", n_finetunes=2, seed=0, hidden=128, layers=4, intermediate=344, heads=2,
-                    kv_heads=1, vocab=256)
+        make_demo_models(models)
     from omegaconf import OmegaConf
 
-    text = open(recipe_path).read().replace("DEMO/", models + "/")
+    text = (open(args.recipe).read() if args.recipe else DEMO_RECIPE).replace("DEMO/", models + "/")
     recipe = recipe_from_conf(OmegaConf.create(text), source=recipe_path)
     out = os.path.join(os.path.abspath(args.workdir), "merged")
     if os.path.isdir(out):

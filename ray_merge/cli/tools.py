@@ -1,4 +1,5 @@
-"""`ray-merge extract-lora`, `ray-merge moe` and `ray-merge multi` (mergekit's other tools)."""
+"""`ray-merge extract-lora`, `ray-merge moe` and `ray-merge multi` (mergekit's other tools).
+"""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,7 @@ def _common(p: argparse.ArgumentParser, *, device: bool = True) -> None:
 
 
 def _device(args) -> str:
-    from ray_merge.cli_merge import _check_device
+    from ray_merge.cli.merge import _check_device
 
     device = "cuda" if getattr(args, "cuda", False) else (getattr(args, "device", None) or "cpu")
     _check_device(device)
@@ -26,8 +27,8 @@ def _device(args) -> str:
 
 
 def add_parser(sub) -> None:
-    from ray_merge.cli import parse_size
-    from ray_merge.distributed import add_worker_options
+    from ray_merge.cli.options import add_worker_options
+    from ray_merge.units import parse_size
 
     # ---------------------------------------------------------------- extract-lora
     p = sub.add_parser(
@@ -90,7 +91,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_moe)
 
     # ---------------------------------------------------------------- multi
-    from ray_merge.cli_merge import add_merge_options
+    from ray_merge.cli.merge import add_merge_options
 
     p = sub.add_parser(
         "multi",
@@ -132,7 +133,7 @@ def _noop_notes(args) -> None:
 
 def _worker_spec(args):
     """The Ray worker spec from --workers/--address/--worker-*, or None to work in this process."""
-    from ray_merge.distributed import spec_from_args, wants_ray
+    from ray_merge.cli.options import spec_from_args, wants_ray
     from ray_merge.errors import UserError
 
     if args.workers is not None and args.workers < 1:
@@ -141,7 +142,12 @@ def _worker_spec(args):
 
 
 def cmd_extract_lora(args) -> int:
-    from ray_merge.lora import LoraOptions, extract_lora, format_report, main_summary_line
+    from ray_merge.tools.lora import (
+        LoraOptions,
+        extract_lora,
+        format_report,
+        main_summary_line,
+    )
 
     _noop_notes(args)
     opts = LoraOptions(
@@ -170,7 +176,7 @@ def cmd_extract_lora(args) -> int:
 
 
 def cmd_moe(args) -> int:
-    from ray_merge.moe import MoEOptions, build_moe, load_moe_config
+    from ray_merge.tools.moe import MoEOptions, build_moe, load_moe_config
 
     _noop_notes(args)
     if args.load_in_4bit or args.load_in_8bit:
@@ -196,9 +202,9 @@ def cmd_moe(args) -> int:
 
 
 def cmd_multi(args) -> int:
-    from ray_merge.cli_merge import _options
+    from ray_merge.cli.merge import _options
     from ray_merge.errors import UserError
-    from ray_merge.multi import run_multi
+    from ray_merge.tools.multi import run_multi
 
     out_dir = args.out_dir or args.intermediate_dir
     if args.out_dir and args.intermediate_dir and args.out_dir != args.intermediate_dir:

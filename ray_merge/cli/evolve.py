@@ -1,4 +1,5 @@
-"""`ray-merge evolve`: evolutionary merge search (the search itself lives in the `evolve` package)."""
+"""`ray-merge evolve`: evolutionary merge search (the search itself lives in the `evolve` package).
+"""
 from __future__ import annotations
 
 import os

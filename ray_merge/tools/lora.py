@@ -30,26 +30,39 @@ from typing import Optional
 import torch
 
 from ray_merge.errors import UserError
-from ray_merge.io.models import TensorMeta, WeightReader, index_weights, read_config, resolve_model_dir
-from ray_merge.recipe import ModelRef
-from ray_merge.tools_common import (
-    OutTensor,
-    abort_output,
-    begin_output,
-    finish_output,
-    note,
+from ray_merge.execute.compute import tensor_seed
+from ray_merge.execute.ray.session import (
     concurrency,
     ray_session,
     ray_wait_all,
     task_options,
-    versions,
+)
+from ray_merge.io.models import (
+    ModelRef,
+    TensorMeta,
+    WeightReader,
+    index_weights,
+    read_config,
+    resolve_model_dir,
+)
+from ray_merge.output.files import (
+    OutTensor,
+    abort_output,
+    begin_output,
+    finish_output,
     write_json,
     write_tensor_file,
 )
+from ray_merge.output.staging import package_versions
+from ray_merge.planner.memory import default_memory_budget
+from ray_merge.tools.common import note
 
 log = logging.getLogger("ray_merge.lora")
 
+
 ADAPTER_FILE = "adapter_model.safetensors"
+
+
 REPORT_FILE = "ray_merge_lora_report.json"
 
 
@@ -373,7 +386,6 @@ def _reader(model_dir: str, ref: str) -> WeightReader:
 def decompose(job: LoraJob, ft: tuple[str, str], base: tuple[str, str], *, max_rank: int, sv_epsilon: float,
               distribute_scale: bool, svd: str, device: str, out_dtype: str) -> LoraResult:
     """Factor one module's task vector. ``ft`` and ``base`` are (directory, reference)."""
-    from ray_merge.executor import tensor_seed
 
     ft_r, base_r = _reader(*ft), _reader(*base)
     with torch.no_grad():
@@ -441,7 +453,6 @@ def _resolve(value: str, flag: str) -> tuple[ModelRef, str]:
 
 def extract_lora(model: str, base_model: str, out_path: str, opts: LoraOptions) -> LoraSummary:
     """Extract a PEFT LoRA adapter for ``model`` relative to ``base_model`` into ``out_path``."""
-    from ray_merge.engine import default_memory_budget
 
     start = time.time()
     if opts.max_rank < 1:
@@ -629,7 +640,7 @@ def _write_adapter(stage: str, out_path: str, plan: ExtractionPlan, results: lis
         "by_type": by_type,
         "modules_to_save": saved,
         "unchanged": unchanged + skipped_same,
-        "versions": versions(),
+        "versions": package_versions(),
     }
     write_json(os.path.join(stage, REPORT_FILE), report)
     with open(os.path.join(stage, "README.md"), "w") as f:

@@ -19,7 +19,11 @@ import time
 from ray_merge.errors import UserError
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
+
+
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
 MODEL_KEYS = ("model", "base_model", "tokenizer_source", "source")
 
 
@@ -30,7 +34,7 @@ def _add_address(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub) -> None:
-    from ray_merge.cli_merge import add_merge_options, add_run_options
+    from ray_merge.cli.merge import add_merge_options, add_run_options
 
     p = sub.add_parser("submit", help="run a merge as a Ray job on a cluster; prints the job id",
                        description="Submit `ray-merge run RECIPE OUT --address auto [options]` as a Ray job. "
@@ -68,6 +72,7 @@ def add_parser(sub) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+
 
 def dashboard_address(address) -> str:
     if address:
@@ -128,7 +133,7 @@ def ship_recipe(path: str, overrides: list[str], dest_dir: str) -> str:
     """Copy the recipe into ``dest_dir`` with local model paths made absolute; return its file name."""
     import yaml
 
-    from ray_merge.recipe import load_recipe
+    from ray_merge.recipe.load import load_recipe
 
     load_recipe(path, overrides)  # a bad recipe fails here, not on the cluster
     with open(path) as f:
@@ -154,7 +159,7 @@ def ship_recipe(path: str, overrides: list[str], dest_dir: str) -> str:
 
 def forwarded_run_args(args) -> list[str]:
     """`run` options given to `submit` (non-default values), as command-line words."""
-    from ray_merge.cli_merge import add_merge_options, add_run_options
+    from ray_merge.cli.merge import add_merge_options, add_run_options
 
     ref = argparse.ArgumentParser(add_help=False)
     add_merge_options(ref)

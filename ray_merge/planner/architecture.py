@@ -14,7 +14,11 @@ from typing import Optional
 from ray_merge.errors import UserError
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
 _NUMBERED = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
+
+
 _PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "tok_embeddings")
 
 

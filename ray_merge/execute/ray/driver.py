@@ -16,7 +16,6 @@ Ray is imported lazily: importing this module (for the CLI flags) stays cheap.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import logging
 import math
@@ -25,412 +24,30 @@ import pickle
 import shutil
 import sys
 import tempfile
-import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from ray_merge.engine import ATTEMPTS_DIR, MergeOptions, default_memory_budget
 from ray_merge.errors import UserError
-from ray_merge.executor import (ShardResult, TensorLoader, check_memory, format_bytes, min_memory,
-                                rows_per_chunk, write_shards)
-from ray_merge.plan import Plan, PlannedTensor, Shard
-from ray_merge.tools_common import check_ray_address, join_ray_cluster
+from ray_merge.execute.ray.actor import MAX_RESTARTS, MergeWorker
+from ray_merge.execute.ray.session import check_ray_address, join_ray_cluster
+from ray_merge.execute.shards import ShardResult
+from ray_merge.options import MergeOptions, WorkerSpec
+from ray_merge.output.staging import ATTEMPTS_DIR
+from ray_merge.planner.memory import (
+    check_memory,
+    default_memory_budget,
+    planned_budgets,
+)
+from ray_merge.planner.plan import Plan, Shard
+from ray_merge.planner.shards import _ranges, assign_shards, shard_cost, shard_need
+from ray_merge.units import format_bytes
 
 log = logging.getLogger("ray_merge")
 
-MAX_RESTARTS = 2  # Ray restarts a crashed worker actor this many times
+
 MAX_SHARD_ATTEMPTS = 3  # a shard whose worker died this many times fails the merge
-GPU_MEMORY_FRACTION = 0.9  # of a GPU's memory, the default budget of a GPU worker
-TEST_DELAY_ENV = "RAY_MERGE_TEST_SHARD_DELAY"  # tests: seconds each worker sleeps before a shard
 
-
-# ---------------------------------------------------------------------------------------------
-# Options
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class WorkerSpec:
-    """How many merge workers, where, and with what resources."""
-
-    workers: Optional[int] = None  # None with an address: one per node that fits a worker
-    address: Optional[str] = None  # None: a local Ray instance (or the cluster of the Ray job we run in)
-    memory: Optional[int] = None  # host bytes per worker (a Ray `memory` reservation and the budget)
-    gpus: float = 0.0
-    cpus: float = 1.0
-    resources: dict = field(default_factory=dict)  # custom Ray resources each worker needs
-    start_timeout: float = 300.0
-    shard_delay: float = 0.0  # tests only
-
-    @property
-    def remote(self) -> bool:
-        return bool(self.address) or in_ray_job()
-
-
-def in_ray_job() -> bool:
-    """True when running as the entrypoint of a Ray job (`ray job submit -- ray-merge run ...`)."""
-    return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and os.environ.get("RAY_ADDRESS"))
-
-
-def add_worker_options(p: argparse.ArgumentParser) -> None:
-    from ray_merge.cli import parse_size
-
-    g = p.add_argument_group("Ray workers (merge across processes and nodes)")
-    g.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="merge with N Ray worker actors; without --address a local Ray instance (127.0.0.1) "
-                        "is started (inside a Ray job: that job's cluster)")
-    g.add_argument("--address", default=None, metavar="ADDR",
-                   help="join an existing Ray cluster: auto, HOST:PORT or ray://HOST:10001 (default workers: "
-                        "one per node)")
-    g.add_argument("--worker-memory", type=parse_size, default=None, metavar="SIZE",
-                   help="host memory per worker, e.g. 16GiB: reserved on the node (Ray's memory resource) and, "
-                        "for CPU workers, the worker's memory budget (default: a share of the node's memory)")
-    g.add_argument("--worker-gpus", type=float, default=0.0, metavar="N",
-                   help="GPUs per worker: the worker merges on its GPU and its memory budget is 90%% of the "
-                        "GPU's memory (--memory-budget overrides)")
-    g.add_argument("--worker-cpus", type=float, default=1.0, metavar="N", help="CPUs per worker (default 1)")
-    g.add_argument("--worker-resource", action="append", default=[], metavar="NAME=AMOUNT",
-                   help="a custom Ray resource each worker needs, e.g. merge=1 to use only nodes started "
-                        "with --resources '{\"merge\": 4}' (repeatable)")
-    g.add_argument("--worker-start-timeout", type=float, default=300.0, metavar="SECONDS",
-                   help="how long to wait for workers to start (autoscaling clusters: longer)")
-
-
-def wants_ray(args) -> bool:
-    return bool(getattr(args, "workers", None) or getattr(args, "address", None))
-
-
-def spec_from_args(args) -> WorkerSpec:
-    resources = {}
-    for item in getattr(args, "worker_resource", []) or []:
-        name, sep, amount = item.partition("=")
-        try:
-            resources[name.strip()] = float(amount) if sep else 1.0
-        except ValueError:
-            raise UserError(f"--worker-resource takes NAME=AMOUNT, got {item!r}")
-    workers = getattr(args, "workers", None)
-    if workers is not None and workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
-    gpus = float(getattr(args, "worker_gpus", 0.0) or 0.0)
-    device = "cuda" if getattr(args, "cuda", False) else (getattr(args, "device", None) or "cpu")
-    if device.startswith("cuda") and gpus == 0:
-        gpus = 1.0  # --device cuda with workers: one GPU each
-    return WorkerSpec(
-        workers=workers,
-        address=getattr(args, "address", None),
-        memory=getattr(args, "worker_memory", None),
-        gpus=gpus,
-        cpus=float(getattr(args, "worker_cpus", 1.0) or 1.0),
-        resources=resources,
-        start_timeout=float(getattr(args, "worker_start_timeout", 300.0)),
-        shard_delay=float(os.environ.get(TEST_DELAY_ENV, "0") or 0),
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Assignment: shards to workers, largest first, within each worker's budget
-# ---------------------------------------------------------------------------------------------
-
-def tensor_peak(pt: PlannedTensor, budget: Optional[int]) -> int:
-    """Memory ``pt`` takes on a worker with ``budget``: whole, or one row chunk."""
-    rows = rows_per_chunk(pt, budget)
-    if rows is None:
-        return pt.working_bytes
-    from ray_merge.executor import row_bytes
-
-    return rows * row_bytes(pt)
-
-
-def shard_cost(plan: Plan, shard: Shard) -> int:
-    """Work in a shard, as bytes read plus bytes written."""
-    return sum(pt.in_bytes for pt in plan.shard_tensors(shard)) + shard.nbytes
-
-
-def shard_need(plan: Plan, shard: Shard) -> int:
-    """The smallest budget a worker needs for this shard (tensors split into rows where allowed)."""
-    return max((min_memory(pt) for pt in plan.shard_tensors(shard)), default=0)
-
-
-@dataclass
-class WorkerLoad:
-    worker: int
-    budget: Optional[int]
-    shards: list = field(default_factory=list)  # shard indices, in the order the worker does them
-    bytes_read: int = 0
-    bytes_written: int = 0
-    peak_bytes: int = 0
-    chunked_tensors: int = 0
-
-    @property
-    def cost(self) -> int:
-        return self.bytes_read + self.bytes_written
-
-
-def assign_shards(plan: Plan, shards: list[Shard], budgets: list[Optional[int]]) -> list[WorkerLoad]:
-    """Give each shard, largest first, to the least-loaded worker whose budget fits it.
-
-    ``budgets``: one per worker (None: unlimited). Deterministic. Each worker's shards
-    are then done in index order.
-    """
-    loads = [WorkerLoad(i, b) for i, b in enumerate(budgets)]
-    for s in sorted(shards, key=lambda s: (-shard_cost(plan, s), s.index)):
-        need = shard_need(plan, s)
-        fits = [w for w in loads if w.budget is None or w.budget >= need]
-        if not fits:
-            pt = max(plan.shard_tensors(s), key=min_memory)
-            biggest = max(b for b in budgets if b is not None)
-            raise UserError(f"tensor {pt.name} needs {format_bytes(min_memory(pt))} to merge, more than the largest "
-                            f"worker memory budget ({format_bytes(biggest)})")
-        w = min(fits, key=lambda w: (w.cost, w.worker))
-        w.shards.append(s.index)
-        tensors = plan.shard_tensors(s)
-        w.bytes_read += sum(pt.in_bytes for pt in tensors)
-        w.bytes_written += s.nbytes
-        w.peak_bytes = max([w.peak_bytes] + [tensor_peak(pt, w.budget) for pt in tensors])
-        w.chunked_tensors += sum(1 for pt in tensors if rows_per_chunk(pt, w.budget) is not None)
-    for w in loads:
-        w.shards.sort()
-    return loads
-
-
-def format_assignment(plan: Plan, loads: list[WorkerLoad], shards: Optional[list[Shard]] = None) -> str:
-    shards = plan.shards if shards is None else shards
-    lines = [f"workers:       {len(loads)}"]
-    for w in loads:
-        budget = format_bytes(w.budget) if w.budget is not None else "GPU memory"
-        lines.append(
-            f"  worker {w.worker}: {len(w.shards)} shard(s), writes {format_bytes(w.bytes_written)}, "
-            f"reads {format_bytes(w.bytes_read)}, peak memory {format_bytes(w.peak_bytes)} "
-            f"(budget {budget})" + (f", {w.chunked_tensors} tensor(s) in row chunks" if w.chunked_tensors else "")
-        )
-        if w.shards:
-            lines.append(f"    shards {_ranges(w.shards)}")
-    plan_bytes = len(pickle.dumps(plan))
-    lines.append(f"through the driver: the plan ({format_bytes(plan_bytes)} to each worker) and checksums; "
-                 f"no tensor data")
-    return "\n".join(lines)
-
-
-def _ranges(indices: list[int]) -> str:
-    """[0,1,2,5,7,8] -> '0-2, 5, 7-8' (shard indices)."""
-    out, start, prev = [], None, None
-    for i in sorted(indices):
-        if start is None:
-            start = prev = i
-        elif i == prev + 1:
-            prev = i
-        else:
-            out.append(f"{start}-{prev}" if prev != start else f"{start}")
-            start = prev = i
-    if start is not None:
-        out.append(f"{start}-{prev}" if prev != start else f"{start}")
-    return ", ".join(out)
-
-
-def planned_budgets(spec: WorkerSpec, options: MergeOptions, n: int) -> list[Optional[int]]:
-    """Budgets known without a cluster: explicit ones, or this machine's memory shared by local workers."""
-    if options.memory_budget:
-        return [options.memory_budget] * n
-    if spec.gpus:
-        return [None] * n  # the GPU's memory, known when the workers start
-    if spec.memory:
-        return [spec.memory] * n
-    return [None if spec.remote else default_memory_budget() // n] * n
-
-
-# ---------------------------------------------------------------------------------------------
-# The worker actor
-# ---------------------------------------------------------------------------------------------
-
-class _ReleasingLoader(TensorLoader):
-    """Drops its memory maps after each read, so mapped input pages never outlive their tensors."""
-
-    def load_all(self, pt):
-        try:
-            return super().load_all(pt)
-        finally:
-            self.release()
-
-    def load_rows(self, inp, start, stop):
-        try:
-            return super().load_rows(inp, start, stop)
-        finally:
-            self.release()
-
-    def release(self) -> None:
-        for r in self._readers.values():
-            r.close()
-
-
-def _status_kib(key: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-class PeakMemory:
-    """Peak resident memory of this process over a span: the kernel's high-water mark, reset at
-    the start (Linux /proc/self/clear_refs), or else sampled every few milliseconds."""
-
-    def __init__(self):
-        self._thread: Optional[threading.Thread] = None
-        self._stop = threading.Event()
-        self._peak = 0
-        self._hwm = False
-
-    @staticmethod
-    def rss() -> int:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-
-    def start(self) -> None:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current RSS
-            self._hwm = _status_kib("VmHWM") is not None
-        except OSError:
-            self._hwm = False
-        if not self._hwm:
-            self._peak = self.rss()
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.002):
-            self._peak = max(self._peak, self.rss())
-
-    def stop(self) -> int:
-        if self._hwm:
-            return max(_status_kib("VmHWM") or 0, self.rss())
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
-        return max(self._peak, self.rss())
-
-
-class MergeWorker:
-    """One merge worker (a Ray actor): writes the shards the driver sends it."""
-
-    def __init__(self, plan: Plan, stage: str, rank: int, device: str, budget: Optional[int],
-                 threads: int = 1, shard_delay: float = 0.0):
-        import ray
-        import torch
-
-        import ray_merge.methods  # noqa: F401  (register every method before the baseline)
-
-        torch.set_num_threads(max(1, threads))
-        self.rank = rank
-        self.stage = stage
-        self.device = device
-        self.shard_delay = shard_delay
-        self.problems: list[str] = []
-        self.node_id = ray.get_runtime_context().get_node_id()
-        self.node_ip = ray.util.get_node_ip_address()
-        self.plan = self._localize(plan)
-        self.shards = {s.index: s for s in self.plan.shards}
-        if not os.path.isdir(stage):
-            self.problems.append(f"cannot see the output staging directory {stage}: the output must be on a "
-                                 f"filesystem every node shares")
-        self.gpu_total = 0
-        if device.startswith("cuda"):
-            if torch.cuda.is_available():
-                self.gpu_total = torch.cuda.get_device_properties(0).total_memory
-            else:
-                self.problems.append("was given a GPU by Ray but torch sees no CUDA device")
-        self.budget = budget if budget is not None else (int(self.gpu_total * GPU_MEMORY_FRACTION) or None)
-        # warm up (allocator, thread pools), then take the baseline every peak is measured against
-        x = torch.ones(1 << 16)
-        float(x.sum())
-        del x
-        self.baseline_rss = PeakMemory.rss()
-        self.peak_rss = self.baseline_rss
-
-    def _localize(self, plan: Plan) -> Plan:
-        """Input paths as this node sees them: hub models come from this node's hub cache."""
-        import copy
-
-        from ray_merge.io.models import resolve_model_dir
-        from ray_merge.plan import InputModel
-        from ray_merge.recipe import ModelRef
-
-        models = []
-        changed = False
-        for m in plan.models:
-            if os.path.isdir(m.path):
-                models.append(m)
-                continue
-            ref = ModelRef.parse(m.ref)
-            parts = m.path.rstrip("/").split("/")
-            if len(parts) > 2 and parts[-2] == "snapshots":
-                ref = ModelRef(ref.path, parts[-1])  # the exact commit the driver planned with
-            try:
-                models.append(InputModel(m.ref, resolve_model_dir(ref)))
-                changed = True
-            except UserError as e:
-                self.problems.append(f"cannot read input model {m.ref} ({m.path}): {e}")
-                models.append(m)
-        if not changed:
-            return plan
-        local = copy.copy(plan)
-        local.models = models
-        return local
-
-    def info(self) -> dict:
-        import socket
-
-        return {"worker": self.rank, "node_id": self.node_id, "node_ip": self.node_ip,
-                "hostname": socket.gethostname(), "pid": os.getpid(), "device": self.device,
-                "budget": self.budget, "gpu_total": self.gpu_total, "baseline_rss": self.baseline_rss,
-                "problems": self.problems}
-
-    def ping(self) -> bool:
-        return True
-
-    def run_shard(self, index: int) -> dict:
-        import torch
-
-        t0 = time.time()
-        shard = self.shards[index]
-        if self.shard_delay:
-            time.sleep(self.shard_delay)
-        attempt = os.path.join(self.stage, ATTEMPTS_DIR, f"{index:05d}-{uuid.uuid4().hex[:8]}")
-        os.makedirs(attempt)
-        mem = PeakMemory()
-        cuda = self.device.startswith("cuda")
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        mem.start()
-        try:
-            res = write_shards(self.plan, [shard], attempt, loader=_ReleasingLoader(self.plan),
-                               device=self.device, memory_budget=self.budget)[0]
-            # a whole file or nothing: a worker killed mid-write leaves only its attempt directory
-            os.replace(os.path.join(attempt, shard.filename), os.path.join(self.stage, shard.filename))
-        finally:
-            shutil.rmtree(attempt, ignore_errors=True)
-        peak = mem.stop()
-        self.peak_rss = max(self.peak_rss, peak)
-        tensors = self.plan.shard_tensors(shard)
-        return {
-            "index": res.index, "filename": shard.filename, "checksum": res.checksum, "nbytes": res.nbytes,
-            "worker": self.rank, "node_id": self.node_id, "node_ip": self.node_ip, "pid": os.getpid(),
-            "wall_s": time.time() - t0, "bytes_read": sum(pt.in_bytes for pt in tensors),
-            "peak_rss": peak, "baseline_rss": self.baseline_rss,
-            "peak_gpu": torch.cuda.max_memory_allocated() if cuda else 0,
-            "chunked_tensors": sum(1 for pt in tensors if rows_per_chunk(pt, self.budget) is not None),
-        }
-
-
-# ---------------------------------------------------------------------------------------------
-# The executor (driver side)
-# ---------------------------------------------------------------------------------------------
 
 @dataclass
 class _Slot:
@@ -651,7 +268,7 @@ class RayExecutor:
             try:
                 slot.info = ray.get(ref)
             except ray.exceptions.RayError as e:
-                problems.append(f"worker {slot.rank} failed to start: {_one_line(e)}")
+                problems.append(f"worker {slot.rank} failed to start: {one_line(e)}")
                 slot.state = "dead"
                 continue
             for p in slot.info["problems"]:
@@ -760,7 +377,7 @@ class RayExecutor:
                                 type(e).__name__)
                     if attempts[idx] >= MAX_SHARD_ATTEMPTS:
                         raise RuntimeError(f"shard {by_index[idx].filename} failed {attempts[idx]} times, its "
-                                           f"worker died each time (last: {_one_line(e)}); rerun with --resume")
+                                           f"worker died each time (last: {one_line(e)}); rerun with --resume")
                     if idx not in done:
                         orphans.appendleft(idx)
                     if slot.failures > MAX_RESTARTS:
@@ -774,7 +391,7 @@ class RayExecutor:
                     if isinstance(cause, (UserError, OSError)):
                         raise cause
                     raise RuntimeError(f"shard {by_index[idx].filename} failed on worker {slot.rank}: "
-                                       f"{_one_line(e)}") from None
+                                       f"{one_line(e)}") from None
                 slot.state = "idle"
                 self.driver_bytes_received += len(pickle.dumps(out))
                 if idx in done:
@@ -829,27 +446,8 @@ class RayExecutor:
         return "\n".join(lines)
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:500]
-
-
-def executor_from_args(args) -> RayExecutor:
-    return RayExecutor(spec_from_args(args), verbose=getattr(args, "verbose", 0))
-
-
-def plan_assignment(plan: Plan, args, options: MergeOptions) -> str:
-    """`ray-merge plan --workers N`: the assignment the driver would make."""
-    spec = spec_from_args(args)
-    if not spec.workers:
-        return "workers:       one per node of the cluster (pass --workers N to see an assignment)"
-    budgets = planned_budgets(spec, options, spec.workers)
-    if budgets[0] is not None:
-        check_memory(plan, plan.shards, budgets[0])
-    return format_assignment(plan, assign_shards(plan, plan.shards, budgets))
-
-
-__all__ = ["RayExecutor", "WorkerSpec", "MergeWorker", "assign_shards", "format_assignment", "add_worker_options",
-           "spec_from_args", "executor_from_args", "plan_assignment", "wants_ray", "in_ray_job"]
 
 
 if __name__ == "__main__":  # pragma: no cover

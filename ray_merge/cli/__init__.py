@@ -14,33 +14,11 @@ import sys
 from ray_merge.errors import UserError
 
 SUBCOMMANDS = [
-    "ray_merge.cli_merge",  # run, plan, methods
-    "ray_merge.cli_cluster",  # submit, status, logs, stop (a merge as a Ray job)
-    "ray_merge.cli_tools",  # extract-lora, moe, multi
-    "ray_merge.cli_evolve",  # evolve (evolutionary merge search, the evolve package)
+    "ray_merge.cli.merge",  # run, plan, methods, demo
+    "ray_merge.cli.cluster",  # submit, status, logs, stop (a merge as a Ray job)
+    "ray_merge.cli.tools",  # extract-lora, moe, multi
+    "ray_merge.cli.evolve",  # evolve (evolutionary merge search, the evolve package)
 ]
-
-
-def parse_size(value: str) -> int:
-    """'5B' (mergekit style: thousand/million/billion), '2GiB', '500MB', '1e9' -> bytes."""
-    v = str(value).strip()
-    units = {
-        "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-        "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-        "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12,
-    }
-    low = v.lower()
-    for suffix in sorted(units, key=len, reverse=True):
-        if low.endswith(suffix):
-            num = low[: -len(suffix)].strip()
-            try:
-                return int(float(num) * units[suffix])
-            except ValueError:
-                break
-    try:
-        return int(float(v))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {value!r} (try 5B, 2GiB, 500MB)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,5 @@
+import sys
+
+from ray_merge.cli import main
+
+sys.exit(main())

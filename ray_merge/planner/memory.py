@@ -1,0 +1,85 @@
+"""TODO
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import psutil
+
+from ray_merge.errors import UserError
+from ray_merge.methods import get_method
+from ray_merge.options import MergeOptions, WorkerSpec
+from ray_merge.planner.plan import Plan, PlannedTensor, Shard
+from ray_merge.units import format_bytes
+
+GPU_MEMORY_FRACTION = 0.9  # of a GPU's memory, the default budget of a GPU worker
+
+
+def row_splittable(pt: PlannedTensor) -> bool:
+    """Whether ``pt`` may be merged in row chunks with identical results."""
+    if len(pt.shape) < 1 or pt.shape[0] < 2:
+        return False
+    if pt.method == "passthrough_buffer":
+        return True
+    method = get_method(pt.method)
+    # randomised methods draw per tensor: chunks would draw different numbers
+    return method.row_splittable and not method.randomized
+
+
+def row_bytes(pt: PlannedTensor) -> int:
+    """Working set of one output row (inputs, temporaries and output), rounded up."""
+    return -(-pt.working_bytes // max(1, pt.shape[0] if pt.shape else 1))
+
+
+def rows_per_chunk(pt: PlannedTensor, memory_budget: Optional[int]) -> Optional[int]:
+    """Rows per chunk when ``pt`` must be merged in row chunks to fit the budget; None: whole tensor."""
+    if pt.row_remap is not None:  # vocabulary tensors: streamed unless the method needs them whole
+        return pt.row_remap.rows_per_chunk(memory_budget) if pt.row_remap.chunked else None
+    if memory_budget is None or pt.working_bytes <= memory_budget or not row_splittable(pt):
+        return None
+    return max(1, memory_budget // row_bytes(pt))
+
+
+def min_memory(pt: PlannedTensor) -> int:
+    """The least memory ``pt`` can be merged in: one row when row-splittable, else the whole tensor."""
+    return row_bytes(pt) if row_splittable(pt) else pt.working_bytes
+
+
+def check_memory(plan: Plan, shards: Iterable[Shard], memory_budget: int) -> None:
+    """Fail before any work when a tensor cannot be merged within ``memory_budget``."""
+
+    for s in shards:
+        for pt in plan.shard_tensors(s):
+            if pt.working_bytes <= memory_budget:
+                continue
+            if row_splittable(pt):
+                if row_bytes(pt) > memory_budget:
+                    raise UserError(
+                        f"tensor {pt.name}: one row needs {format_bytes(row_bytes(pt))} to merge, more than the "
+                        f"memory budget of {format_bytes(memory_budget)}"
+                    )
+                continue
+            raise UserError(
+                f"tensor {pt.name} needs {format_bytes(pt.working_bytes)} to merge with {pt.method} (which "
+                f"needs the whole tensor at once), more than the memory budget of {format_bytes(memory_budget)}"
+            )
+
+
+def default_memory_budget() -> int:
+    return int(psutil.virtual_memory().available * 0.6)
+
+
+def planned_budgets(spec: WorkerSpec, options: MergeOptions, n: int) -> list[Optional[int]]:
+    """Budgets known without a cluster: explicit ones, or this machine's memory shared by local workers."""
+    if options.memory_budget:
+        return [options.memory_budget] * n
+    if spec.gpus:
+        return [None] * n  # the GPU's memory, known when the workers start
+    if spec.memory:
+        return [spec.memory] * n
+    return [None if spec.remote else default_memory_budget() // n] * n
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker actor
+# ---------------------------------------------------------------------------------------------

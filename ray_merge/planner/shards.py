@@ -1,0 +1,107 @@
+"""TODO
+"""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ray_merge.errors import UserError
+from ray_merge.planner.memory import min_memory, row_bytes, rows_per_chunk
+from ray_merge.planner.plan import Plan, PlannedTensor, Shard
+from ray_merge.units import format_bytes
+
+
+def tensor_peak(pt: PlannedTensor, budget: Optional[int]) -> int:
+    """Memory ``pt`` takes on a worker with ``budget``: whole, or one row chunk."""
+    rows = rows_per_chunk(pt, budget)
+    if rows is None:
+        return pt.working_bytes
+
+    return rows * row_bytes(pt)
+
+
+def shard_cost(plan: Plan, shard: Shard) -> int:
+    """Work in a shard, as bytes read plus bytes written."""
+    return sum(pt.in_bytes for pt in plan.shard_tensors(shard)) + shard.nbytes
+
+
+def shard_need(plan: Plan, shard: Shard) -> int:
+    """The smallest budget a worker needs for this shard (tensors split into rows where allowed)."""
+    return max((min_memory(pt) for pt in plan.shard_tensors(shard)), default=0)
+
+
+@dataclass
+class WorkerLoad:
+    worker: int
+    budget: Optional[int]
+    shards: list = field(default_factory=list)  # shard indices, in the order the worker does them
+    bytes_read: int = 0
+    bytes_written: int = 0
+    peak_bytes: int = 0
+    chunked_tensors: int = 0
+
+    @property
+    def cost(self) -> int:
+        return self.bytes_read + self.bytes_written
+
+
+def assign_shards(plan: Plan, shards: list[Shard], budgets: list[Optional[int]]) -> list[WorkerLoad]:
+    """Give each shard, largest first, to the least-loaded worker whose budget fits it.
+
+    ``budgets``: one per worker (None: unlimited). Deterministic. Each worker's shards
+    are then done in index order.
+    """
+    loads = [WorkerLoad(i, b) for i, b in enumerate(budgets)]
+    for s in sorted(shards, key=lambda s: (-shard_cost(plan, s), s.index)):
+        need = shard_need(plan, s)
+        fits = [w for w in loads if w.budget is None or w.budget >= need]
+        if not fits:
+            pt = max(plan.shard_tensors(s), key=min_memory)
+            biggest = max(b for b in budgets if b is not None)
+            raise UserError(f"tensor {pt.name} needs {format_bytes(min_memory(pt))} to merge, more than the largest "
+                            f"worker memory budget ({format_bytes(biggest)})")
+        w = min(fits, key=lambda w: (w.cost, w.worker))
+        w.shards.append(s.index)
+        tensors = plan.shard_tensors(s)
+        w.bytes_read += sum(pt.in_bytes for pt in tensors)
+        w.bytes_written += s.nbytes
+        w.peak_bytes = max([w.peak_bytes] + [tensor_peak(pt, w.budget) for pt in tensors])
+        w.chunked_tensors += sum(1 for pt in tensors if rows_per_chunk(pt, w.budget) is not None)
+    for w in loads:
+        w.shards.sort()
+    return loads
+
+
+def format_assignment(plan: Plan, loads: list[WorkerLoad], shards: Optional[list[Shard]] = None) -> str:
+    shards = plan.shards if shards is None else shards
+    lines = [f"workers:       {len(loads)}"]
+    for w in loads:
+        budget = format_bytes(w.budget) if w.budget is not None else "GPU memory"
+        lines.append(
+            f"  worker {w.worker}: {len(w.shards)} shard(s), writes {format_bytes(w.bytes_written)}, "
+            f"reads {format_bytes(w.bytes_read)}, peak memory {format_bytes(w.peak_bytes)} "
+            f"(budget {budget})" + (f", {w.chunked_tensors} tensor(s) in row chunks" if w.chunked_tensors else "")
+        )
+        if w.shards:
+            lines.append(f"    shards {_ranges(w.shards)}")
+    plan_bytes = len(pickle.dumps(plan))
+    lines.append(f"through the driver: the plan ({format_bytes(plan_bytes)} to each worker) and checksums; "
+                 f"no tensor data")
+    return "\n".join(lines)
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0,1,2,5,7,8] -> '0-2, 5, 7-8' (shard indices)."""
+    out, start, prev = [], None, None
+    for i in sorted(indices):
+        if start is None:
+            start = prev = i
+        elif i == prev + 1:
+            prev = i
+        else:
+            out.append(f"{start}-{prev}" if prev != start else f"{start}")
+            start = prev = i
+    if start is not None:
+        out.append(f"{start}-{prev}" if prev != start else f"{start}")
+    return ", ".join(out)
