@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from ray_merge.errors import UserError
+from ray_merge.errors import UserError, one_line
 from ray_merge.execute.ray.actor import MAX_RESTARTS, MergeWorker
 from ray_merge.execute.ray.session import check_ray_address, join_ray_cluster
 from ray_merge.execute.shards import ShardResult
@@ -445,10 +445,3 @@ class RayExecutor:
             )
         return "\n".join(lines)
 
-
-def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:500]
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use `ray-merge run --workers N`")
