@@ -1,4 +1,4 @@
-"""TODO
+"""Torch dtypes by the names recipes and safetensors use.
 """
 from __future__ import annotations
 

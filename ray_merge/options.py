@@ -1,4 +1,4 @@
-"""TODO
+"""Options of a merge and of its workers: plain data, read by every layer.
 """
 from __future__ import annotations
 

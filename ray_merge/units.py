@@ -1,4 +1,4 @@
-"""TODO
+"""Byte counts as people write them (5B, 2GiB) and as we print them.
 """
 from __future__ import annotations
 

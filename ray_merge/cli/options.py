@@ -1,4 +1,4 @@
-"""TODO
+"""Command-line flags shared by commands: the Ray worker flags and what they turn into.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO
+"""The in-process executor: every shard in this process, one after another.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO
+"""Vocabulary tensors remapped to the output tokenizer while streaming: for each chunk of output rows,
+read only the input rows it needs and merge them (the plan's RowRemap says which).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO
+"""Writing output shards: each shard's tensors computed in order (or in row chunks when over the budget)
+and streamed into its safetensors file, checksummed.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO
+"""Reading and saving Hugging Face tokenizers (the files that make one, loading, stripping tokens past
+a model's vocabulary).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO
+"""The output's tokenizer files: the merged vocabulary the planner built, or the donor's files as they are.
 """
 from __future__ import annotations
 

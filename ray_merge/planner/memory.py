@@ -1,4 +1,6 @@
-"""TODO
+"""Memory: what a planned tensor needs to merge, when it is merged in row chunks, and default budgets.
+
+Every budget decision of a merge is made here, before any tensor is read.
 """
 from __future__ import annotations
 

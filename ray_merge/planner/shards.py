@@ -1,4 +1,5 @@
-"""TODO
+"""Output shards over workers: what each shard costs, and an assignment that balances them under each
+worker's memory budget (largest first).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO
+"""Parameter values as a recipe gives them: scalars, gradients (interpolated over layers) and filtered
+lists (first matching tensor-name filter wins), resolved for one tensor at relative depth ``t``.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO
+"""What a recipe is once loaded: output slices of source models with their parameters.
 """
 from __future__ import annotations
 

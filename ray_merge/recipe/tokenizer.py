@@ -1,4 +1,5 @@
-"""TODO
+"""A recipe's tokenizer settings (``tokenizer:`` block or the legacy ``tokenizer_source``), parsed and
+checked before any model is read.
 """
 from __future__ import annotations
 

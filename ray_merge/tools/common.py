@@ -1,4 +1,4 @@
-"""TODO
+"""Small helpers shared by the tools (extract-lora, moe, multi).
 """
 from __future__ import annotations
 

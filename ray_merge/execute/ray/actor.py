@@ -1,4 +1,5 @@
-"""TODO
+"""The merge worker actor: holds the plan, merges the shards the driver sends it under its memory budget,
+writes them to the staging directory and returns only checksums and statistics.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO
+"""Connecting to Ray: a local instance we start (and stop), the cluster at an address, or the cluster of
+the Ray job we run in; plus small helpers for Ray tasks (resources, errors).
 """
 from __future__ import annotations
 
