@@ -1,6 +1,9 @@
-"""Merge method registry. Importing this package registers every method."""
-# Each module registers its methods on import.
-from ray_merge.methods import (  # noqa: F401,E402
+"""Merge methods. Importing this package registers every method.
+
+A method is one function declared with ``@merge_method`` in one of the family
+modules below (see ``base``); add a new module's import here.
+"""
+from ray_merge.methods import (  # noqa: F401  (each module registers its methods on import)
     arcee_fusion,
     linear,
     model_stock,
@@ -16,7 +19,8 @@ from ray_merge.methods.base import (
     Param,
     all_methods,
     get_method,
+    merge_method,
     register,
 )
 
-__all__ = ["MergeInputs", "MergeMethod", "Param", "all_methods", "get_method", "register"]
+__all__ = ["MergeInputs", "MergeMethod", "Param", "all_methods", "get_method", "merge_method", "register"]

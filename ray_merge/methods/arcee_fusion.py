@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from ray_merge.methods._common import base_and_others, exactly
 from ray_merge.methods._select import kth_smallest
-from ray_merge.methods.base import MergeInputs, MergeMethod, register
+from ray_merge.methods.base import MergeInputs, merge_method
 
 _QUARTILES = (0.25, 0.5, 0.75)
 
@@ -21,7 +21,17 @@ def importance(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return torch.sub(model, base).abs_().mul_(kl)
 
 
-def _arcee_fusion(inp: MergeInputs) -> torch.Tensor:
+@merge_method(
+    "arcee_fusion",
+    base_model="required",
+    min_inputs=2,
+    max_inputs=2,
+    pretty_name="Arcee Fusion",
+    reference_url="https://arcee.ai",
+    description="takes the other model's parameters where their KL-weighted change is an outlier",
+    extra={"workspace_tensors": 8, "workspace_per_input": 0, "half_result_dtype": "float32"},
+)
+def arcee_fusion(inp: MergeInputs) -> torch.Tensor:
     """Arcee Fusion: take the other model's value only where its change is
     salient, i.e. its importance is at least median + 1.5 * IQR of the tensor's
     importance scores (an outlier fence); elsewhere keep the base.
@@ -51,19 +61,3 @@ def _arcee_fusion(inp: MergeInputs) -> torch.Tensor:
     change = torch.sub(model, base).to(result_dtype).mul_(scores >= fence)
     return change.add_(base)
 
-
-register(
-    MergeMethod(
-        name="arcee_fusion",
-        fn=_arcee_fusion,
-        params=(),
-        base_model="required",
-        min_inputs=2,
-        max_inputs=2,
-        missing_tensor_policy="passthrough_singleton",
-        pretty_name="Arcee Fusion",
-        reference_url="https://arcee.ai",
-        description="takes the other model's parameters where their KL-weighted change is an outlier",
-        extra={"workspace_tensors": 8, "workspace_per_input": 0, "half_result_dtype": "float32"},
-    )
-)

@@ -5,10 +5,21 @@ import torch
 
 from ray_merge.errors import UserError
 from ray_merge.methods._common import base_and_others
-from ray_merge.methods.base import MergeInputs, MergeMethod, Param, register
+from ray_merge.methods.base import MergeInputs, Param, merge_method
 
 
-def _model_stock(inp: MergeInputs) -> torch.Tensor:
+@merge_method(
+    "model_stock",
+    params=[Param("filter_wise", False, kind=bool, help="compute t per row, not per tensor")],
+    base_model="required",
+    min_inputs=3,
+    min_non_base=2,
+    pretty_name="Model Stock",
+    reference_url="https://arxiv.org/abs/2403.19522",
+    description="interpolates base and average with a weight from the task vectors' angles",
+    extra={"workspace_tensors": 4, "workspace_per_input": 2},
+)
+def model_stock(inp: MergeInputs) -> torch.Tensor:
     """Model Stock: fine-tuned weights lie on a thin shell around their centre;
     the best point between the base w0 and the average of the N fine-tuned models
     is t * avg + (1 - t) * w0 with t = N cos / (1 + (N - 1) cos), where cos is
@@ -41,19 +52,3 @@ def _model_stock(inp: MergeInputs) -> torch.Tensor:
     average = sum(models) / n
     return (t * average + (1 - t) * w0).reshape(base.shape)
 
-
-register(
-    MergeMethod(
-        name="model_stock",
-        fn=_model_stock,
-        params=(Param("filter_wise", False, kind=bool, help="compute t per row, not per tensor"),),
-        base_model="required",
-        min_inputs=3,
-        min_non_base=2,
-        missing_tensor_policy="base_or_skip",
-        pretty_name="Model Stock",
-        reference_url="https://arxiv.org/abs/2403.19522",
-        description="interpolates base and average with a weight from the task vectors' angles",
-        extra={"workspace_tensors": 4, "workspace_per_input": 2},
-    )
-)

@@ -4,10 +4,22 @@ from __future__ import annotations
 import torch
 
 from ray_merge.methods._common import base_and_others, exactly
-from ray_merge.methods.base import MergeInputs, MergeMethod, Param, register
+from ray_merge.methods.base import MergeInputs, Param, merge_method
 
 
-def _nearswap(inp: MergeInputs) -> torch.Tensor:
+@merge_method(
+    "nearswap",
+    params=[Param("t", help="similarity scale: parameters closer than t are swapped fully")],
+    base_model="required",
+    min_inputs=2,
+    max_inputs=2,
+    row_splittable=True,
+    pretty_name="NearSwap",
+    reference_url="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+    description="interpolates towards the other model where the parameters are already close",
+    extra={"workspace_tensors": 5, "workspace_per_input": 0},
+)
+def nearswap(inp: MergeInputs) -> torch.Tensor:
     """NearSwap: move each base parameter towards the other model's value by
     ``min(1, t / |base - other|)``: all the way where the two nearly agree, barely
     where they differ a lot. Element-wise, in the inputs' precision."""
@@ -18,20 +30,3 @@ def _nearswap(inp: MergeInputs) -> torch.Tensor:
     weight = (t / torch.sub(base, other).abs_().clamp_(min=1e-6)).clamp_(0, 1)
     return weight * other + (1 - weight) * base
 
-
-register(
-    MergeMethod(
-        name="nearswap",
-        fn=_nearswap,
-        params=(Param("t", help="similarity scale: parameters closer than t are swapped fully"),),
-        base_model="required",
-        min_inputs=2,
-        max_inputs=2,
-        row_splittable=True,
-        missing_tensor_policy="passthrough_base_singleton",
-        pretty_name="NearSwap",
-        reference_url="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
-        description="interpolates towards the other model where the parameters are already close",
-        extra={"workspace_tensors": 5, "workspace_per_input": 0},
-    )
-)

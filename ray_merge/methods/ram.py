@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 
 from ray_merge.methods._common import base_and_others
-from ray_merge.methods.base import MergeInputs, MergeMethod, Param, register
+from ray_merge.methods.base import MergeInputs, Param, merge_method
+
+_EPSILON = Param("epsilon", 1e-5, help="changes at or below this magnitude count as none")
 
 
 def _changes(inp: MergeInputs, name: str):
@@ -26,7 +28,17 @@ def _changes(inp: MergeInputs, name: str):
     return base, task_vectors, changed, changed.sum(dim=0)
 
 
-def _ram(inp: MergeInputs) -> torch.Tensor:
+@merge_method(
+    "ram",
+    params=[_EPSILON],
+    base_model="required",
+    row_splittable=True,
+    pretty_name="Reinforced Agent Merging",
+    reference_url="https://arxiv.org/abs/2601.13572",
+    description="keeps changes made by one model, averages changes made by several",
+    extra={"workspace_tensors": 3, "workspace_per_input": 3},
+)
+def ram(inp: MergeInputs) -> torch.Tensor:
     """RAM: unique changes are kept whole, shared changes are averaged."""
     base, task_vectors, _, contributors = _changes(inp, "ram")
     if task_vectors is None:
@@ -36,7 +48,20 @@ def _ram(inp: MergeInputs) -> torch.Tensor:
     return base + merged.view(base.shape)
 
 
-def _ramplus_tl(inp: MergeInputs) -> torch.Tensor:
+@merge_method(
+    "ramplus_tl",
+    params=[
+        Param("r", 0.1, help="strength of the boost to unique changes"),
+        Param("alpha", 0.2, help="upper bound of the shared/unique ratio"),
+        _EPSILON,
+    ],
+    base_model="required",
+    pretty_name="Reinforced Agent Merging Plus (Tensor-Local)",
+    reference_url="https://arxiv.org/abs/2601.13572",
+    description="RAM with unique changes boosted by the tensor's shared/unique ratio",
+    extra={"workspace_tensors": 4, "workspace_per_input": 4, "half_result_dtype": "float32"},
+)
+def ramplus_tl(inp: MergeInputs) -> torch.Tensor:
     """RAM+ (tensor-local): as RAM, but each model's unique changes are scaled up
     by ``1 + r * clip(rho, 0, alpha)``, where ``rho`` is the ratio of that model's
     shared to unique changed entries in this tensor, compensating for the
@@ -56,36 +81,3 @@ def _ramplus_tl(inp: MergeInputs) -> torch.Tensor:
     merged = (unique_part + shared_part).sum(dim=0)
     return base + merged.view(base.shape)
 
-
-_EPSILON = Param("epsilon", 1e-5, help="changes at or below this magnitude count as none")
-
-register(
-    MergeMethod(
-        name="ram",
-        fn=_ram,
-        params=(_EPSILON,),
-        base_model="required",
-        row_splittable=True,
-        pretty_name="Reinforced Agent Merging",
-        reference_url="https://arxiv.org/abs/2601.13572",
-        description="keeps changes made by one model, averages changes made by several",
-        extra={"workspace_tensors": 3, "workspace_per_input": 3},
-    )
-)
-
-register(
-    MergeMethod(
-        name="ramplus_tl",
-        fn=_ramplus_tl,
-        params=(
-            Param("r", 0.1, help="strength of the boost to unique changes"),
-            Param("alpha", 0.2, help="upper bound of the shared/unique ratio"),
-            _EPSILON,
-        ),
-        base_model="required",
-        pretty_name="Reinforced Agent Merging Plus (Tensor-Local)",
-        reference_url="https://arxiv.org/abs/2601.13572",
-        description="RAM with unique changes boosted by the tensor's shared/unique ratio",
-        extra={"workspace_tensors": 4, "workspace_per_input": 4, "half_result_dtype": "float32"},
-    )
-)

@@ -5,7 +5,7 @@ import torch
 
 from ray_merge.methods._common import base_and_others, work_dtype
 from ray_merge.methods._select import top_k_mask, use_mergekit_sort
-from ray_merge.methods.base import MergeInputs, MergeMethod, Param, register
+from ray_merge.methods.base import MergeInputs, Param, merge_method
 from ray_merge.methods.consensus import elect_sign
 
 
@@ -30,7 +30,21 @@ def _select_mask(task_vectors: torch.Tensor, fraction: float) -> torch.Tensor:
     return mask.view(shape)
 
 
-def _sce(inp: MergeInputs) -> torch.Tensor:
+@merge_method(
+    "sce",
+    params=[
+        Param("select_topk", 1.0,
+              help="fraction of positions to keep, by variance across models (1 keeps all)"),
+        Param("int8_mask", False, kind=bool,
+              help="accepted for mergekit compatibility; masks are always compact here"),
+    ],
+    base_model="required",
+    pretty_name="SCE",
+    reference_url="https://arxiv.org/abs/2408.07990",
+    description="variance selection, mean-square weighting and sign erasure of task vectors",
+    extra={"workspace_tensors": 4, "workspace_per_input": 3},
+)
+def sce(inp: MergeInputs) -> torch.Tensor:
     """SCE: per tensor,
 
     1. Select: zero the positions whose task vectors vary least across models,
@@ -65,21 +79,3 @@ def _sce(inp: MergeInputs) -> torch.Tensor:
     merged = (task_vectors * agree).sum(dim=0)
     return base + merged / agree.sum(dim=0).clamp(min=1e-6)
 
-
-register(
-    MergeMethod(
-        name="sce",
-        fn=_sce,
-        params=(
-            Param("select_topk", 1.0,
-                  help="fraction of positions to keep, by variance across models (1 keeps all)"),
-            Param("int8_mask", False, kind=bool,
-                  help="accepted for mergekit compatibility; masks are always compact here"),
-        ),
-        base_model="required",
-        pretty_name="SCE",
-        reference_url="https://arxiv.org/abs/2408.07990",
-        description="variance selection, mean-square weighting and sign erasure of task vectors",
-        extra={"workspace_tensors": 4, "workspace_per_input": 3},
-    )
-)

@@ -15,7 +15,7 @@ import torch
 from ray_merge.errors import UserError
 from ray_merge.methods._common import base_and_others, exactly, work_dtype
 from ray_merge.methods._select import CHUNK
-from ray_merge.methods.base import MergeInputs, MergeMethod, Param, register
+from ray_merge.methods.base import MergeInputs, Param, merge_method
 
 _SLERP_DOT_THRESHOLD = 0.9995
 _SLERP_EPS = 1e-8
@@ -33,7 +33,18 @@ def slerp_coefficients(t: float, cos_theta: float) -> tuple[float, float]:
     return math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
 
 
-def _slerp(inp: MergeInputs) -> torch.Tensor:
+@merge_method(
+    "slerp",
+    params=[Param("t", help="interpolation factor: 0 gives the base model, 1 the other")],
+    base_model="required",
+    min_inputs=2,
+    max_inputs=2,
+    pretty_name="SLERP",
+    reference_url="https://en.wikipedia.org/wiki/Slerp",
+    description="spherical linear interpolation between the base and one other model",
+    extra={"workspace_tensors": 4, "workspace_per_input": 0},
+)
+def slerp(inp: MergeInputs) -> torch.Tensor:
     """SLERP: move from the base (t=0) towards the other model (t=1) along the
     great circle through both flattened tensors, at constant angular speed."""
     base, others, _ = base_and_others(inp, "slerp")
@@ -73,7 +84,25 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
     return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp(min=1e-7)
 
 
-def _nuslerp(inp: MergeInputs) -> torch.Tensor:
+@merge_method(
+    "nuslerp",
+    params=[
+        Param("weight", per_model=True, non_base=True,
+              help="relative weight; t = w2 / (w1 + w2)"),
+        Param("nuslerp_flatten", True, kind=bool,
+              help="interpolate the whole tensor as one vector"),
+        Param("nuslerp_row_wise", False, kind=bool,
+              help="without flattening, interpolate vectors along the first dimension "
+              "instead of the last"),
+    ],
+    base_model="optional",
+    min_non_base=2,
+    max_non_base=2,
+    pretty_name="NuSLERP",
+    description="slerp of two models (or of their task vectors) with weight-derived t",
+    extra={"workspace_tensors": 8, "workspace_per_input": 0},
+)
+def nuslerp(inp: MergeInputs) -> torch.Tensor:
     """NuSLERP: slerp between exactly two models at t = w1 / (w0 + w1).
 
     With a base model it interpolates their task vectors instead and adds the
@@ -109,7 +138,21 @@ def _nuslerp(inp: MergeInputs) -> torch.Tensor:
     return out
 
 
-def _multislerp(inp: MergeInputs) -> torch.Tensor:
+@merge_method(
+    "multislerp",
+    params=[
+        Param("weight", per_model=True, non_base=True, help="relative weight of this model"),
+        Param("normalize_weights", True, kind=bool, help="divide weights by their sum"),
+        Param("eps", 1e-8, help="numerical-stability constant"),
+    ],
+    base_model="optional",
+    min_non_base=1,
+    pretty_name="Multi-SLERP",
+    reference_url="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+    description="barycentric interpolation of any number of models on the sphere",
+    extra={"workspace_tensors": 3, "workspace_per_input": 3},
+)
+def multislerp(inp: MergeInputs) -> torch.Tensor:
     """Multi-SLERP: a weighted barycentre of several models on the sphere.
 
     1. Put each (task) vector on the unit sphere, remembering its norm.
@@ -166,7 +209,19 @@ def _multislerp(inp: MergeInputs) -> torch.Tensor:
     return out
 
 
-def _karcher(inp: MergeInputs) -> torch.Tensor:
+@merge_method(
+    "karcher",
+    params=[
+        Param("max_iter", 10, kind=int, help="maximum gradient steps"),
+        Param("tol", 1e-5, help="convergence tolerance"),
+    ],
+    base_model="none",
+    pretty_name="Karcher Mean",
+    reference_url="https://arxiv.org/abs/2603.04972",
+    description="Riemannian (Karcher) mean of the models on the sphere",
+    extra={"workspace_tensors": 4, "workspace_per_input": 1},
+)
+def karcher(inp: MergeInputs) -> torch.Tensor:
     """Karcher mean: the point on the sphere minimising the summed squared
     geodesic distance to the (equally weighted) input directions, found by
     Riemannian gradient descent (at most ``max_iter`` steps, stopping when the
@@ -218,76 +273,3 @@ def _karcher(inp: MergeInputs) -> torch.Tensor:
     scale = sum(alpha * n for n in norms)
     return (scale * mean).view(tensors[0].shape)
 
-
-register(
-    MergeMethod(
-        name="slerp",
-        fn=_slerp,
-        params=(Param("t", help="interpolation factor: 0 gives the base model, 1 the other"),),
-        base_model="required",
-        min_inputs=2,
-        max_inputs=2,
-        missing_tensor_policy="passthrough_singleton",
-        pretty_name="SLERP",
-        reference_url="https://en.wikipedia.org/wiki/Slerp",
-        description="spherical linear interpolation between the base and one other model",
-        extra={"workspace_tensors": 4, "workspace_per_input": 0},
-    )
-)
-
-register(
-    MergeMethod(
-        name="nuslerp",
-        fn=_nuslerp,
-        params=(
-            Param("weight", per_model=True, non_base=True,
-                  help="relative weight; t = w2 / (w1 + w2)"),
-            Param("nuslerp_flatten", True, kind=bool,
-                  help="interpolate the whole tensor as one vector"),
-            Param("nuslerp_row_wise", False, kind=bool,
-                  help="without flattening, interpolate vectors along the first dimension "
-                  "instead of the last"),
-        ),
-        base_model="optional",
-        min_non_base=2,
-        max_non_base=2,
-        missing_tensor_policy="passthrough_singleton",
-        pretty_name="NuSLERP",
-        description="slerp of two models (or of their task vectors) with weight-derived t",
-        extra={"workspace_tensors": 8, "workspace_per_input": 0},
-    )
-)
-
-register(
-    MergeMethod(
-        name="multislerp",
-        fn=_multislerp,
-        params=(
-            Param("weight", per_model=True, non_base=True, help="relative weight of this model"),
-            Param("normalize_weights", True, kind=bool, help="divide weights by their sum"),
-            Param("eps", 1e-8, help="numerical-stability constant"),
-        ),
-        base_model="optional",
-        min_non_base=1,
-        pretty_name="Multi-SLERP",
-        reference_url="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
-        description="barycentric interpolation of any number of models on the sphere",
-        extra={"workspace_tensors": 3, "workspace_per_input": 3},
-    )
-)
-
-register(
-    MergeMethod(
-        name="karcher",
-        fn=_karcher,
-        params=(
-            Param("max_iter", 10, kind=int, help="maximum gradient steps"),
-            Param("tol", 1e-5, help="convergence tolerance"),
-        ),
-        base_model="none",
-        pretty_name="Karcher Mean",
-        reference_url="https://arxiv.org/abs/2603.04972",
-        description="Riemannian (Karcher) mean of the models on the sphere",
-        extra={"workspace_tensors": 4, "workspace_per_input": 1},
-    )
-)

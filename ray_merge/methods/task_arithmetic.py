@@ -14,7 +14,7 @@ al. 2023; Yu et al. 2023; Deep et al. 2024; Davari & Belilovsky 2023):
 5. Sum, divide by the weight that took part at each entry (``normalize``),
    scale by ``lambda`` and add back to the base.
 
-Each registered method is a row of ``VARIANTS``.
+Each registered method is a row of ``VARIANTS``, declared by ``_declare``.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch
 from ray_merge.methods import sparsify
 from ray_merge.methods._common import base_and_others, round_, round_scalar
 from ray_merge.methods._select import CHUNK
-from ray_merge.methods.base import MergeInputs, MergeMethod, Param, register
+from ray_merge.methods.base import MergeInputs, Param, merge_method
 from ray_merge.methods.consensus import SUM, agreeing_sum_, elect_sign
 
 
@@ -73,6 +73,15 @@ VARIANTS = (
 )
 
 
+# The per-model option of a sparsifier besides density, passed on to ``sparsify.plan`` by name.
+SPARSIFIER_OPTIONS = {
+    sparsify.MAGNITUDE_OUTLIERS: Param("gamma", 0.01, per_model=True, non_base=True,
+                                       help="fraction of largest-magnitude entries to drop"),
+    sparsify.DELLA_MAGPRUNE: Param("epsilon", 0.15, per_model=True, non_base=True,
+                                   help="keep probabilities span density +/- epsilon by magnitude rank"),
+}
+
+
 def merge_task_arithmetic(variant: Variant, inp: MergeInputs) -> torch.Tensor:
     """Merge one tensor with ``variant`` (steps 1-5 of the module docstring).
 
@@ -95,16 +104,16 @@ def merge_task_arithmetic(variant: Variant, inp: MergeInputs) -> torch.Tensor:
     task_vectors = [sparsify.TaskVector(m, base) for m in others]
     keeps = [sparsify.Keep() for _ in others]
     if variant.sparsification:
+        option = SPARSIFIER_OPTIONS.get(variant.sparsification)
         keeps = [
             sparsify.plan(
                 tv,
                 variant.sparsification,
                 mp["density"],
-                gamma=mp.get("gamma", 0.01),
-                epsilon=mp.get("epsilon", 0.15),
                 rescale=bool(params["rescale"]),
                 generator=inp.generator,
                 dtype=keep_dtype,
+                **({option.name: mp[option.name]} if option else {}),
             )
             for tv, mp in zip(task_vectors, model_params)
         ]
@@ -155,7 +164,8 @@ class _Combine:
             stop = min(start + size, n)
             if native:
                 deltas = [
-                    buf[: stop - start].copy_(self._weighted(i, tv.native_chunk(start, stop, out=h[: stop - start]), start))
+                    buf[: stop - start].copy_(
+                        self._weighted(i, tv.native_chunk(start, stop, out=h[: stop - start]), start))
                     for i, (tv, buf, h) in enumerate(zip(task_vectors, buffers, halves))
                 ]
                 rounded = halves[0][: stop - start]  # free again: holds the rounded result
@@ -232,12 +242,8 @@ def _params(v: Variant) -> tuple[Param, ...]:
               help="fraction of the task vector's entries to keep"
               + ("" if v.sparsification else " (no effect for this method)")),
     ]
-    if v.sparsification == sparsify.MAGNITUDE_OUTLIERS:
-        params.append(Param("gamma", 0.01, per_model=True, non_base=True,
-                            help="fraction of largest-magnitude entries to drop"))
-    if v.sparsification == sparsify.DELLA_MAGPRUNE:
-        params.append(Param("epsilon", 0.15, per_model=True, non_base=True,
-                            help="keep probabilities span density +/- epsilon by magnitude rank"))
+    if v.sparsification in SPARSIFIER_OPTIONS:
+        params.append(SPARSIFIER_OPTIONS[v.sparsification])
     params += [
         Param("lambda", 1.0, help="scale of the merged task vector"),
         Param("normalize", v.default_normalize, kind=bool,
@@ -250,31 +256,28 @@ def _params(v: Variant) -> tuple[Param, ...]:
     return tuple(params)
 
 
-def _register(v: Variant) -> None:
+def _declare(v: Variant) -> None:
     randomized = v.sparsification in (sparsify.RANDOM, sparsify.DELLA_MAGPRUNE)
-    register(
-        MergeMethod(
-            name=v.name,
-            fn=partial(merge_task_arithmetic, v),
-            params=_params(v),
-            base_model="required",
-            randomized=randomized,
-            # Without sparsification or sign election every entry is independent.
-            row_splittable=v.sparsification is None and v.consensus is None,
-            pretty_name=v.pretty_name,
-            reference_url=v.reference_url,
-            description=v.summary,
-            extra={
-                "sparsification": v.sparsification,
-                "consensus": v.consensus,
-                # the output, plus a stored keep-mask per model for random pruning
-                "workspace_tensors": 1,
-                "workspace_per_input": 0.5 if randomized else 0,
-            },
-        )
-    )
+    merge_method(
+        v.name,
+        params=_params(v),
+        base_model="required",
+        randomized=randomized,
+        # Without sparsification or sign election every entry is independent.
+        row_splittable=v.sparsification is None and v.consensus is None,
+        pretty_name=v.pretty_name,
+        reference_url=v.reference_url,
+        description=v.summary,
+        extra={
+            "sparsification": v.sparsification,
+            "consensus": v.consensus,
+            # the output, plus a stored keep-mask per model for random pruning
+            "workspace_tensors": 1,
+            "workspace_per_input": 0.5 if randomized else 0,
+        },
+    )(partial(merge_task_arithmetic, v))
 
 
 for _v in VARIANTS:
-    _register(_v)
+    _declare(_v)
 del _v
