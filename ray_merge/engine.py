@@ -8,16 +8,14 @@ import shutil
 from typing import Callable, Optional
 
 from ray_merge.execute.local import run_in_process
-from ray_merge.execute.shards import ShardResult
+from ray_merge.execute.shards import ATTEMPTS_DIR, ShardResult
 from ray_merge.options import MergeOptions
 from ray_merge.output.staging import (
-    ATTEMPTS_DIR,
     finalize,
     journal_shard,
     prepare_output,
 )
-from ray_merge.output.tokenizer import tokenizer_writer
-from ray_merge.planner.memory import check_memory, default_memory_budget
+from ray_merge.planner.memory import check_memory, memory_budget
 from ray_merge.planner.plan import Plan, plan_recipe
 from ray_merge.recipe.schema import Recipe
 
@@ -26,7 +24,7 @@ log = logging.getLogger("ray_merge")
 
 def make_plan(recipe: Recipe, options: MergeOptions) -> Plan:
     return plan_recipe(recipe, out_shard_bytes=options.out_shard_bytes, allow_crimes=options.allow_crimes,
-                       seed=options.random_seed)
+                       seed=options.random_seed, trust_remote_code=options.trust_remote_code)
 
 
 # An executor takes (plan, shards to do, staging dir, options, on_shard) and writes those shards.
@@ -37,7 +35,7 @@ def check_budget(plan: Plan, options: MergeOptions) -> None:
     """Fail before any work when a tensor cannot be merged within the memory budget."""
 
     # tensors over the budget are merged in row chunks where the method allows it
-    check_memory(plan, plan.shards, options.memory_budget or default_memory_budget())
+    check_memory(plan, plan.shards, memory_budget(options.memory_budget))
 
 
 def run_merge(recipe: Recipe, out_dir: str, options: MergeOptions,
@@ -67,6 +65,5 @@ def run_merge(recipe: Recipe, out_dir: str, options: MergeOptions,
     shutil.rmtree(os.path.join(stage, ATTEMPTS_DIR), ignore_errors=True)
 
     finalize(plan, stage, out_dir, records, copy_tokenizer=options.copy_tokenizer,
-             write_model_card=options.write_model_card, extra_manifest=extra() if callable(extra) else extra,
-             tokenizer_writer=tokenizer_writer(plan, options.copy_tokenizer))
+             write_model_card=options.write_model_card, extra_manifest=extra() if callable(extra) else extra)
     return plan

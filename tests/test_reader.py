@@ -59,3 +59,28 @@ def test_dare_mask_is_independent_of_thread_count():
     assert abs(one.float().mean().item() - 0.3) < 0.002  # ~3.2M draws: sd 0.00026
     assert not torch.equal(one, _random.bernoulli_mask(n, 0.3, [123, 457]))
     assert _random.bernoulli_mask(10, 1.0, seed).all() and not _random.bernoulli_mask(10, 0.0, seed).any()
+
+
+def test_read_rows_reads_only_those_rows(tmp_path, monkeypatch):
+    path, tensors = _write_model(tmp_path)
+    reader = WeightReader(index_weights(str(tmp_path), "m"))
+    monkeypatch.setattr(models, "_read_tensor", lambda *a: (_ for _ in ()).throw(AssertionError("mapped whole")))
+    for name, (a, b) in (("big", (1234, 1300)), ("bf16", (0, 37)), ("f32", (2, 9)), ("bf16", (5, 5))):
+        got = reader.read_rows(name, a, b)
+        assert torch.equal(got, tensors[name][a:b]), name
+    # a range in the middle of a tensor is read alone: the bytes before and after may be garbage
+    meta = reader.index["big"]
+    row = meta.nbytes // meta.shape[0]
+    data = bytearray(path.read_bytes())
+    data[meta.offset:meta.offset + 1234 * row] = b"\xff" * (1234 * row)
+    data[meta.offset + 1300 * row:meta.offset + meta.nbytes] = b"\xff" * (meta.nbytes - 1300 * row)
+    path.write_bytes(bytes(data))
+    assert torch.equal(reader.read_rows("big", 1234, 1300), tensors["big"][1234:1300])
+
+
+def test_read_rows_of_pytorch_bin(tmp_path):
+    t = torch.randn(20, 3)
+    torch.save({"w": t}, str(tmp_path / "pytorch_model.bin"))
+    reader = WeightReader(index_weights(str(tmp_path), "m"))
+    assert torch.equal(reader.read_rows("w", 4, 11), t[4:11])
+    assert torch.equal(reader.read("w"), t)

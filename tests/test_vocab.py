@@ -279,11 +279,11 @@ tokenizer:
 def test_remap_chunked_identical_to_whole(tmp_path, vocab_models):
     """A tiny memory budget streams the embeddings in many row chunks, with identical bytes."""
     from ray_merge.engine import make_plan
-    from ray_merge.execute.loaders import TensorLoader
-    from ray_merge.execute.rows import RemappedRows
+    from ray_merge.execute.loaders import ResidentLoader, TensorLoader
     from ray_merge.execute.shards import write_shards
-    from ray_merge.execute.stream import merge_in_memory
+    from ray_merge.execute.stream import iter_row_chunks, merge_in_memory
     from ray_merge.options import MergeOptions
+    from ray_merge.planner.memory import rows_per_chunk
 
     m = vocab_models
     text = LINEAR_UNION.replace("dtype: float32", "dtype: bfloat16") + "  pad_to_multiple_of: 64\n"
@@ -295,12 +295,11 @@ def test_remap_chunked_identical_to_whole(tmp_path, vocab_models):
     pt = plan.tensor("model.embed_tokens.weight")
     assert pt.row_remap is not None and pt.row_remap.chunked and pt.shape == (320, 32)
     per_row = pt.row_remap.per_row_bytes
-    tiny = RemappedRows(pt, TensorLoader(plan), seed=None, memory_budget=per_row * 10)
-    chunks = list(tiny.chunks())
+    chunks = list(iter_row_chunks(pt, TensorLoader(plan), rows_per_chunk(pt, per_row * 10), seed=None))
     # 264 token rows then 56 padding rows, at most 10 rows a chunk, in order
     assert len(chunks) == 27 + 6 and all(c.shape[0] <= 10 for _, c in chunks)
     assert [a for a, _ in chunks] == list(range(0, 264, 10)) + list(range(264, 320, 10))
-    whole = RemappedRows(pt, TensorLoader(plan), seed=None, memory_budget=None).materialize()
+    whole = torch.cat([c for _, c in iter_row_chunks(pt, TensorLoader(plan), rows_per_chunk(pt, None), seed=None)])
     assert torch.equal(torch.cat([c for _, c in chunks]), whole)
     # end to end through the shard writer, and in memory
     (tmp_path / "a").mkdir()
@@ -310,6 +309,8 @@ def test_remap_chunked_identical_to_whole(tmp_path, vocab_models):
     assert [r.checksum for r in ra] == [r.checksum for r in rb]
     mem = merge_in_memory(plan)
     assert torch.equal(mem["model.embed_tokens.weight"], whole)
+    resident = merge_in_memory(plan, ResidentLoader(plan))  # rows sliced from the kept inputs
+    assert torch.equal(resident["model.embed_tokens.weight"], whole)
 
 
 @pytest.mark.parametrize("method", ["ties", "slerp"])
@@ -318,7 +319,7 @@ def test_whole_tensor_methods_see_aligned_inputs(tmp_path, vocab_models, method)
     from ray_merge.engine import make_plan
     from ray_merge.execute.compute import compute_tensor
     from ray_merge.execute.loaders import TensorLoader
-    from ray_merge.execute.rows import RemappedRows, _InputRows
+    from ray_merge.execute.rows import tensor_rows
     from ray_merge.execute.stream import merge_in_memory
     from ray_merge.methods import get_method
     from ray_merge.options import MergeOptions
@@ -343,10 +344,8 @@ tokenizer:
     plan = make_plan(load_recipe(path), MergeOptions())
     pt = plan.tensor("model.embed_tokens.weight")
     assert pt.shape == (258, 32) and not pt.row_remap.chunked
-    rr = RemappedRows(pt, TensorLoader(plan), seed=None, memory_budget=pt.row_remap.per_row_bytes * 100)
     # the per-model inputs the method sees: each model's rows, defaults where it lacks a token
-    readers = [_InputRows(TensorLoader(plan), i) for i in pt.inputs]
-    per_model = rr._per_model(readers, 0, 258)
+    per_model = tensor_rows(pt, TensorLoader(plan)).whole(pt.row_remap.per_row_bytes * 100)
     order = [plan.models[i.model].path for i in pt.inputs]
     base = load_dir(m["base"])["model.embed_tokens.weight"].float()
     chat = load_dir(m["chatml"])["model.embed_tokens.weight"].float()
@@ -473,7 +472,7 @@ ERROR_CASES = [
 def test_recipe_errors_before_any_tensor_is_read(tmp_path, vocab_models, snippet, message, monkeypatch):
     from ray_merge.engine import run_merge
     from ray_merge.errors import UserError
-    from ray_merge.execute.rows import _InputRows
+    from ray_merge.execute.loaders import TensorLoader
     from ray_merge.io.models import WeightReader
     from ray_merge.options import MergeOptions
     from ray_merge.recipe.load import load_recipe
@@ -481,7 +480,7 @@ def test_recipe_errors_before_any_tensor_is_read(tmp_path, vocab_models, snippet
     def no_reads(*a, **k):
         raise AssertionError("a tensor was read")
 
-    for cls, attr in ((WeightReader, "read"), (WeightReader, "read_rows"), (_InputRows, "read")):
+    for cls, attr in ((WeightReader, "read"), (WeightReader, "read_rows"), (TensorLoader, "load_rows")):
         monkeypatch.setattr(cls, attr, no_reads)
     recipe = write_recipe(tmp_path / "r.yml", ERR_RECIPE + snippet, **_subst(vocab_models))
     out = tmp_path / "out"

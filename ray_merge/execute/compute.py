@@ -25,9 +25,7 @@ BLOCK_ELEMENTS = 1 << 17
 def compute_tensor(pt: PlannedTensor, inputs: list[torch.Tensor], seed: Optional[int],
                    device: str = "cpu") -> torch.Tensor:
     """Merge one output tensor from its (already read) inputs."""
-    if pt.method == "passthrough_buffer":  # integer buffers are copied, not merged
-        return inputs[0].clone()
-    method = get_method(pt.method)
+    method = get_method(pt.method, internal=True)
     dtype = getattr(torch, pt.compute_dtype) if pt.compute_dtype else None
     out_dtype = getattr(torch, pt.out_dtype)
     generator = None

@@ -29,7 +29,7 @@ class TensorLoader:
         return [self.load(i) for i in pt.inputs]
 
     def load_rows(self, inp: TensorInput, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of an input tensor (row-chunked merges of tensors over the memory budget)."""
+        """Rows [start, stop) of an input tensor, reading only those (row-chunked merges, remapped vocabularies)."""
         return self.reader(inp.model).read_rows(inp.tensor, start, stop)
 
 
@@ -47,3 +47,6 @@ class ResidentLoader(TensorLoader):
             t = super().load(inp).clone()
             self.cache[key] = t
         return t
+
+    def load_rows(self, inp: TensorInput, start: int, stop: int) -> torch.Tensor:
+        return self.load(inp)[start:stop]

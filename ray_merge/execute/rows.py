@@ -1,98 +1,84 @@
-"""Vocabulary tensors remapped to the output tokenizer while streaming: for each chunk of output rows,
-read only the input rows it needs and merge them (the plan's RowRemap says which).
+"""The inputs of a planned tensor, whole or a chunk of output rows at a time: read as they are, or, for a
+vocabulary tensor, remapped to the output vocabulary (its RowRemap says which input rows each output row
+takes). Rows are read through the loader, which reads only the rows asked for.
 """
 from __future__ import annotations
 
-import json
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
-from ray_merge.execute.compute import compute_tensor
 from ray_merge.execute.loaders import TensorLoader
-from ray_merge.io.models import SAFETENSORS_DTYPES
+from ray_merge.planner.plan import PlannedTensor, TensorInput
 from ray_merge.planner.vocab import COPY, MEAN, MIN_CHUNK_ROWS, NONE, RowRemap
 
 READ_GAP_ROWS = 8  # rows this close together are read in one range
 
-
-# ---------------------------------------------------------------------------
-# Recipe settings
-# ---------------------------------------------------------------------------
+Chunk = tuple[int, list[torch.Tensor]]  # (first output row, every input's rows)
 
 
-class _InputRows:
-    """Reads row ranges of one input tensor: ``pread`` for safetensors (only those bytes
-    are read; no memory map keeps pages of the whole tensor resident), else the loader."""
-
-    def __init__(self, loader, inp):
-        self.loader, self.inp = loader, inp
-        self._fh = None
-        plain = type(loader).load is TensorLoader.load
-        if plain and inp.file.endswith(".safetensors"):
-            fh = open(inp.file, "rb")
-            try:
-                n = int.from_bytes(fh.read(8), "little")
-                info = json.loads(fh.read(n))[inp.tensor]
-                self.dtype = SAFETENSORS_DTYPES[info["dtype"]]
-                self.shape = tuple(info["shape"])
-                width = 1
-                for d in self.shape[1:]:
-                    width *= d
-                self.row_bytes = width * self.dtype.itemsize
-                self.offset = 8 + n + info["data_offsets"][0]
-                self._fh = fh
-            except Exception:
-                fh.close()
-                raise
-        self._plain = plain
-
-    def read(self, lo: int, hi: int) -> torch.Tensor:
-        if self._fh is not None:
-            nbytes = (hi - lo) * self.row_bytes
-            buf = torch.empty(nbytes, dtype=torch.uint8)
-            self._fh.seek(self.offset + lo * self.row_bytes)
-            view = memoryview(buf.numpy())
-            got = 0
-            while got < nbytes:
-                k = self._fh.readinto(view[got:])
-                if not k:
-                    raise OSError(f"{self.inp.file}: short read of {self.inp.tensor}")
-                got += k
-            return buf.view(self.dtype).view(hi - lo, *self.shape[1:])
-        if self._plain and hasattr(self.loader, "reader"):
-            return self.loader.reader(self.inp.model).read_rows(self.inp.tensor, lo, hi)
-        return self.loader.load(self.inp)[lo:hi]
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+def tensor_rows(pt: PlannedTensor, loader: TensorLoader) -> "InputRows":
+    """How the inputs of ``pt`` are read: as they are, or remapped to the output vocabulary."""
+    return RemappedRows(pt, loader) if pt.row_remap is not None else InputRows(pt, loader)
 
 
-class RemappedRows:
-    """One vocabulary tensor, merged from remapped per-model rows, produced in row chunks.
+class InputRows:
+    """The inputs of a planned tensor, read as they are."""
 
-    ``chunks()`` yields (first row, merged rows) in order; ``materialize()`` the whole
-    tensor; ``write_to(writer)`` streams it into a ShardWriter.
+    def __init__(self, pt: PlannedTensor, loader: TensorLoader):
+        self.pt, self.loader = pt, loader
+
+    def whole(self, memory_budget: Optional[int] = None) -> list[torch.Tensor]:
+        """Every input, whole (read as a whole, so no budget applies)."""
+        return self.loader.load_all(self.pt)
+
+    def chunks(self, rows: int) -> Iterator[Chunk]:
+        """Every input's rows, ``rows`` at a time, in order."""
+        n = self.pt.shape[0]
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)
+            yield start, [self.loader.load_rows(i, start, stop) for i in self.pt.inputs]
+
+
+class RemappedRows(InputRows):
+    """The inputs of a vocabulary tensor, each model's rows remapped to the output vocabulary.
+
+    Output rows past the vocabulary (``pad_to_multiple_of``) take each model's mean row, so
+    chunks come in order: the padding needs the sums of every row before it.
     """
 
-    def __init__(self, pt, loader, *, seed: Optional[int], device: str = "cpu",
-                 memory_budget: Optional[int] = None, rows: Optional[int] = None):
-        self.pt, self.loader, self.seed, self.device = pt, loader, seed, device
+    def __init__(self, pt: PlannedTensor, loader: TensorLoader):
+        super().__init__(pt, loader)
         self.rm: RowRemap = pt.row_remap
         self.comp = getattr(torch, self.rm.compute_dtype)
-        self.rows = max(1, rows) if rows else self.rm.rows_per_chunk(memory_budget)
-        self.chunk_count = 0
         self._sums: Optional[list[torch.Tensor]] = None
 
+    def whole(self, memory_budget: Optional[int] = None) -> list[torch.Tensor]:
+        """Every model's remapped tensor, assembled a chunk at a time within ``memory_budget``."""
+        rm = self.rm
+        whole = [torch.empty((rm.out_rows, *rm.rest), dtype=self.comp) for _ in self.pt.inputs]
+        for a, ins in self.chunks(rm.rows_per_chunk(memory_budget)):
+            for w, t in zip(whole, ins):
+                w[a:a + t.shape[0]] = t
+            del ins
+        return whole
+
+    def chunks(self, rows: int) -> Iterator[Chunk]:
+        rm = self.rm
+        rows = max(1, rows)
+        pad = rm.out_rows - rm.n_vocab
+        self._sums = [torch.zeros(rm.rest, dtype=torch.float64) for _ in self.pt.inputs] if pad > 0 else None
+        for a in range(0, rm.n_vocab, rows):
+            yield a, self._per_model(a, min(rm.n_vocab, a + rows), max(rows, MIN_CHUNK_ROWS))
+        for a in range(rm.n_vocab, rm.out_rows, rows):
+            yield a, self._padding(min(rm.out_rows, a + rows) - a)
+
     # -- reading ---------------------------------------------------------
-    def _fetch(self, reader: _InputRows, rows: torch.Tensor) -> torch.Tensor:
+    def _fetch(self, inp: TensorInput, rows: torch.Tensor, max_span: int) -> torch.Tensor:
         """Rows (sorted, unique) of one input, in compute dtype, reading nearby rows together."""
         n = rows.numel()
         out = torch.empty((n, *self.rm.rest), dtype=self.comp)
         r = rows.tolist()
-        max_span = max(self.rows, MIN_CHUNK_ROWS)
         start = 0
         while start < n:
             lo = r[start]
@@ -100,7 +86,7 @@ class RemappedRows:
             while end < n and r[end] - r[end - 1] <= READ_GAP_ROWS and r[end] - lo < max_span:
                 end += 1
             hi = r[end - 1] + 1
-            block = reader.read(lo, hi)
+            block = self.loader.load_rows(inp, lo, hi)
             if hi - lo == end - start:
                 out[start:end] = block
             else:
@@ -109,7 +95,7 @@ class RemappedRows:
             start = end
         return out
 
-    def _per_model(self, readers: list[_InputRows], a: int, b: int) -> list[torch.Tensor]:
+    def _per_model(self, a: int, b: int, max_span: int) -> list[torch.Tensor]:
         """Each input's rows [a, b) of the output vocabulary, defaults filled in."""
         rm = self.rm
         n_in = rm.perm.shape[0]
@@ -121,11 +107,11 @@ class RemappedRows:
         own = (P >= 0) & ~F
         is_mean, is_copy = K == MEAN, K == COPY
         keys, fetched = [], []
-        for j in range(n_in):
+        for j, inp in enumerate(self.pt.inputs):
             want = torch.cat([P[j][own[j]], P[j][is_mean & (P[j] >= 0)], DR[is_copy & (DI == j)]])
             rows = torch.unique(want)  # sorted
             keys.append(rows)
-            fetched.append(self._fetch(readers[j], rows))
+            fetched.append(self._fetch(inp, rows, max_span))
 
         def take(j: int, rows: torch.Tensor) -> torch.Tensor:
             return fetched[j][torch.searchsorted(keys[j], rows)]
@@ -161,7 +147,8 @@ class RemappedRows:
                 if bool(o.any()):
                     t[o] = take(i, P[i][o])
             outs.append(t)
-        del fetched, defaults
+        fetched.clear()  # free the rows no chunk kept
+        del defaults
         if self._sums is not None:
             for i, t in enumerate(outs):
                 self._sums[i] += t.sum(0, dtype=torch.float64)
@@ -170,53 +157,3 @@ class RemappedRows:
     def _padding(self, n: int) -> list[torch.Tensor]:
         """Rows past the vocabulary (pad_to_multiple_of): each model's mean row."""
         return [(s / self.rm.n_vocab).to(self.comp).expand(n, *self.rm.rest).clone() for s in self._sums]
-
-    # -- output ----------------------------------------------------------
-    def chunks(self):
-        rm, pt = self.rm, self.pt
-        n_in = rm.perm.shape[0]
-        pad = rm.out_rows - rm.n_vocab
-        self._sums = [torch.zeros(rm.rest, dtype=torch.float64) for _ in range(n_in)] if pad > 0 else None
-        readers = [_InputRows(self.loader, inp) for inp in pt.inputs]
-        try:
-            if rm.chunked:
-                for a in range(0, rm.n_vocab, self.rows):
-                    ins = self._per_model(readers, a, min(rm.n_vocab, a + self.rows))
-                    out = compute_tensor(pt, ins, self.seed, self.device)
-                    del ins
-                    self.chunk_count += 1
-                    yield a, out
-                for a in range(rm.n_vocab, rm.out_rows, self.rows):
-                    ins = self._padding(min(rm.out_rows, a + self.rows) - a)
-                    self.chunk_count += 1
-                    yield a, compute_tensor(pt, ins, self.seed, self.device)
-                return
-            whole = [torch.empty((rm.out_rows, *rm.rest), dtype=self.comp) for _ in range(n_in)]
-            for a in range(0, rm.n_vocab, self.rows):
-                b = min(rm.n_vocab, a + self.rows)
-                for w, t in zip(whole, self._per_model(readers, a, b)):
-                    w[a:b] = t
-            if pad > 0:
-                for w, t in zip(whole, self._padding(pad)):
-                    w[rm.n_vocab:] = t
-            self.chunk_count = 1
-            out = compute_tensor(pt, whole, self.seed, self.device)
-            del whole
-            yield 0, out
-        finally:
-            for r in readers:
-                r.close()
-
-    def materialize(self) -> torch.Tensor:
-        out = None
-        for a, t in self.chunks():
-            if out is None:
-                if a == 0 and t.shape[0] == self.rm.out_rows:
-                    return t
-                out = torch.empty((self.rm.out_rows, *t.shape[1:]), dtype=t.dtype)
-            out[a:a + t.shape[0]] = t
-        return out
-
-    def write_to(self, writer) -> None:
-        for a, t in self.chunks():
-            writer.write_rows(self.pt.name, a, t)

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from ray_merge.execute.loaders import TensorLoader
-from ray_merge.execute.stream import iter_computed, iter_row_chunks
+from ray_merge.execute.stream import iter_computed, iter_row_chunks, row_groups
 from ray_merge.io.writer import ShardWriter
-from ray_merge.planner.memory import rows_per_chunk
 from ray_merge.planner.plan import Plan, PlannedTensor, Shard
 
+# Ray workers write each shard under <staging>/ATTEMPTS_DIR, then rename it into place.
+ATTEMPTS_DIR = ".ray-merge-attempts"
 
 @dataclass
 class ShardResult:
@@ -22,22 +23,6 @@ class ShardResult:
     checksum: str  # xxh3-128 of the file, hex
     nbytes: int
     tensors: list[str]
-
-
-def _row_groups(tensors: list[PlannedTensor], memory_budget: Optional[int]):
-    """Split a shard's tensors into runs merged whole, and single tensors merged in row chunks."""
-    run: list[PlannedTensor] = []
-    for pt in tensors:
-        rows = rows_per_chunk(pt, memory_budget)
-        if rows is None:
-            run.append(pt)
-            continue
-        if run:
-            yield run, None
-            run = []
-        yield [pt], rows
-    if run:
-        yield run, None
 
 
 def write_shards(plan: Plan, shards: Iterable[Shard], out_dir: str, *, loader: Optional[TensorLoader] = None,
@@ -54,13 +39,13 @@ def write_shards(plan: Plan, shards: Iterable[Shard], out_dir: str, *, loader: O
                                  [(t.name, t.shape, t.out_dtype) for t in tensors])
             try:
                 pending: Optional[Future] = None
-                for group, rows in _row_groups(tensors, memory_budget):
+                for group, rows in row_groups(tensors, memory_budget):
                     if rows is not None:  # over the budget: merged and written a few rows at a time
                         if pending is not None:
                             pending.result()
                             pending = None
                         pt = group[0]
-                        for chunk in iter_row_chunks(pt, loader, rows, seed=plan.seed, device=device):
+                        for _, chunk in iter_row_chunks(pt, loader, rows, seed=plan.seed, device=device):
                             writer.write_rows(pt.name, chunk)
                             del chunk
                         if on_tensor:

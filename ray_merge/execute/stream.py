@@ -1,15 +1,34 @@
-"""Streaming planned tensors: inputs read one tensor ahead on a background thread, or rows a chunk at a time."""
+"""Streaming planned tensors: merged whole, inputs read one tensor ahead on a background thread, or in
+row chunks, reading only those rows.
+"""
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
 from ray_merge.execute.compute import compute_tensor
 from ray_merge.execute.loaders import TensorLoader
-from ray_merge.execute.rows import RemappedRows
+from ray_merge.execute.rows import tensor_rows
+from ray_merge.planner.memory import rows_per_chunk
 from ray_merge.planner.plan import Plan, PlannedTensor
+
+
+def row_groups(tensors: list[PlannedTensor], memory_budget: Optional[int]):
+    """Split tensors into runs merged whole (rows None), and single tensors merged in row chunks."""
+    run: list[PlannedTensor] = []
+    for pt in tensors:
+        rows = rows_per_chunk(pt, memory_budget)
+        if rows is None:
+            run.append(pt)
+            continue
+        if run:
+            yield run, None
+            run = []
+        yield [pt], rows
+    if run:
+        yield run, None
 
 
 def iter_computed(plan: Plan, tensors: list[PlannedTensor], loader: TensorLoader, *,
@@ -18,14 +37,13 @@ def iter_computed(plan: Plan, tensors: list[PlannedTensor], loader: TensorLoader
     with ThreadPoolExecutor(1, thread_name_prefix="ray-merge-read") as pool:
         pending: Optional[Future] = None
         for i, pt in enumerate(tensors):
-            if pt.row_remap is not None:  # a vocabulary tensor: its rows remapped to the output vocabulary
-                yield pt, RemappedRows(pt, loader, seed=seed, device=device, memory_budget=memory_budget).materialize()
-                continue
-            inputs = pending.result() if pending is not None else loader.load_all(pt)
+            inputs = pending.result() if pending is not None else tensor_rows(pt, loader).whole(memory_budget)
             pending = None
             if i + 1 < len(tensors):
                 nxt = tensors[i + 1]
-                if nxt.row_remap is None and (memory_budget is None or pt.working_bytes + nxt.in_bytes <= memory_budget):
+                # remapped vocabularies are assembled within the whole budget: never read ahead
+                if nxt.row_remap is None and (memory_budget is None
+                                              or pt.working_bytes + nxt.in_bytes <= memory_budget):
                     pending = pool.submit(loader.load_all, nxt)
             out = compute_tensor(pt, inputs, seed, device)
             del inputs
@@ -36,22 +54,28 @@ def iter_computed(plan: Plan, tensors: list[PlannedTensor], loader: TensorLoader
 
 
 def iter_row_chunks(pt: PlannedTensor, loader: TensorLoader, rows: int, *, seed: Optional[int],
-                    device: str = "cpu"):
-    """Yield the merged tensor ``pt`` in chunks of ``rows`` rows, reading only those input rows."""
-    if pt.row_remap is not None:  # rows remapped to the output vocabulary (ray_merge.vocab)
-        for _, out in RemappedRows(pt, loader, seed=seed, device=device, rows=rows).chunks():
-            yield out
-        return
-    for start in range(0, pt.shape[0], rows):
-        stop = min(start + rows, pt.shape[0])
-        inputs = [loader.load_rows(i, start, stop) for i in pt.inputs]
+                    device: str = "cpu") -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (first row, merged rows) of ``pt`` in chunks of ``rows`` rows, reading only those input rows."""
+    for start, inputs in tensor_rows(pt, loader).chunks(rows):
         out = compute_tensor(pt, inputs, seed, device)
         del inputs
-        yield out
+        yield start, out
         del out
 
 
 def merge_in_memory(plan: Plan, loader: Optional[TensorLoader] = None, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Every output tensor of the plan, as a state dict (no files written)."""
     loader = loader or TensorLoader(plan)
-    return {pt.name: out for pt, out in iter_computed(plan, plan.tensors, loader, seed=plan.seed, device=device)}
+    out: dict[str, torch.Tensor] = {}
+    for group, rows in row_groups(plan.tensors, None):
+        if rows is None:
+            out.update((pt.name, t) for pt, t in iter_computed(plan, group, loader, seed=plan.seed, device=device))
+            continue
+        pt = group[0]
+        whole = None
+        for start, chunk in iter_row_chunks(pt, loader, rows, seed=plan.seed, device=device):
+            if whole is None:
+                whole = torch.empty(pt.shape, dtype=chunk.dtype)
+            whole[start:start + chunk.shape[0]] = chunk
+        out[pt.name] = whole
+    return out

@@ -177,63 +177,64 @@ def _read_tensor(meta: TensorMeta) -> torch.Tensor:
     return flat.view(meta.shape)
 
 
-def _read_into_memory(meta: TensorMeta) -> torch.Tensor:
-    """A safetensors tensor read into fresh memory with ``readinto`` (no GIL held)."""
-    out = torch.empty(meta.shape, dtype=meta.dtype)
+def _read_into_memory(meta: TensorMeta, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+    """Rows [start, stop) of a safetensors tensor (all of it by default), read into fresh memory.
+
+    Only those bytes are read (``preadv``, no GIL held): nothing maps the rest of the
+    tensor, so reading a few rows of a large embedding never makes it resident.
+    """
+    rows = meta.shape[0] if meta.shape else 1
+    stop = rows if stop is None else min(stop, rows)
+    start = min(start, stop)
+    out = torch.empty((stop - start, *meta.shape[1:]) if meta.shape else (), dtype=meta.dtype)
     view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    offset = meta.offset + start * (meta.nbytes // max(rows, 1))
     try:
-        with open(meta.file, "rb", buffering=0) as f:
-            f.seek(meta.offset)
+        fd = os.open(meta.file, os.O_RDONLY)
+        try:
             done = 0
             while done < len(view):
-                got = f.readinto(view[done:])
+                got = os.preadv(fd, [view[done:]], offset + done)
                 if not got:
                     raise UserError(f"file ends inside tensor data (read {done} of {len(view)} bytes)",
                                     source=meta.file)
                 done += got
+        finally:
+            os.close(fd)
     except OSError as e:
         raise UserError(f"cannot read weights: {e.strerror or e}", source=meta.file)
     return out
 
 
 class WeightReader:
-    """Reads tensors of one model lazily. safetensors files are memory-mapped."""
+    """Reads tensors of one model lazily: safetensors tensors memory-mapped whole or row ranges
+    read into memory; PyTorch .bin files loaded (memory-mapped) once."""
 
     def __init__(self, index: dict[str, TensorMeta]):
         self.index = index
-        self._handles: dict[str, object] = {}
+        self._bins: dict[str, dict[str, torch.Tensor]] = {}
 
-    def _handle(self, path: str):
-        h = self._handles.get(path)
+    def _bin(self, path: str) -> dict[str, torch.Tensor]:
+        h = self._bins.get(path)
         if h is None:
-            if path.endswith(".safetensors"):
-                from safetensors import safe_open
-
-                h = safe_open(path, framework="pt", device="cpu")
-            else:
-                h = _load_bin(path)
-            self._handles[path] = h
+            h = self._bins[path] = _load_bin(path)
         return h
 
     def read(self, name: str) -> torch.Tensor:
         meta = self.index[name]
         if meta.offset is not None:
             return _read_tensor(meta)
-        h = self._handle(meta.file)
-        if isinstance(h, dict):
-            return h[name]
-        return h.get_tensor(name)
+        return self._bin(meta.file)[name]
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of a tensor, reading only those bytes where the format allows."""
+        """Rows [start, stop) of a tensor; for safetensors only those bytes are read."""
         meta = self.index[name]
-        h = self._handle(meta.file)
-        if isinstance(h, dict):
-            return h[name][start:stop]
-        return h.get_slice(name)[start:stop]
+        if meta.offset is not None:
+            return _read_into_memory(meta, start, stop)
+        return self._bin(meta.file)[name][start:stop]
 
     def close(self) -> None:
-        self._handles.clear()
+        self._bins.clear()
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,9 @@ import time
 from typing import Optional
 
 from ray_merge.errors import UserError
-from ray_merge.io.tokenizers import TOKENIZER_FILES
+from ray_merge.output.tokenizer import write_tokenizer
 from ray_merge.planner.plan import Plan
 
-# Ray workers write each shard under <staging>/ATTEMPTS_DIR, then rename it into place.
-ATTEMPTS_DIR = ".ray-merge-attempts"
 JOURNAL = "journal.jsonl"
 
 
@@ -101,7 +99,7 @@ def journal_shard(stage: str, result) -> None:
 
 
 def finalize(plan: Plan, stage: str, out_dir: str, shard_records: dict[int, dict], *,
-             copy_tokenizer: bool = True, write_model_card: bool = True, tokenizer_writer=None,
+             copy_tokenizer: bool = True, write_model_card: bool = True,
              extra_manifest: Optional[dict] = None) -> None:
     """Write index, config, tokenizer, card and manifest; then move the directory into place."""
     missing = [s.index for s in plan.shards if s.index not in shard_records]
@@ -119,13 +117,7 @@ def finalize(plan: Plan, stage: str, out_dir: str, shard_records: dict[int, dict
     gen = os.path.join(donor_dir, "generation_config.json")
     if os.path.exists(gen):
         shutil.copyfile(gen, os.path.join(stage, "generation_config.json"))
-    if tokenizer_writer is not None:
-        tokenizer_writer(stage)
-    elif copy_tokenizer:
-        for name in TOKENIZER_FILES:
-            src = os.path.join(donor_dir, name)
-            if os.path.exists(src):
-                shutil.copyfile(src, os.path.join(stage, name))
+    write_tokenizer(plan.tokenizer, stage, donor_dir, copy_tokenizer)
     recipe_yaml = plan.recipe.to_yaml()
     with open(os.path.join(stage, "ray_merge_config.yml"), "w") as f:
         f.write(recipe_yaml)

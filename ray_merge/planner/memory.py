@@ -14,16 +14,17 @@ from ray_merge.options import MergeOptions, WorkerSpec
 from ray_merge.planner.plan import Plan, PlannedTensor, Shard
 from ray_merge.units import format_bytes
 
-GPU_MEMORY_FRACTION = 0.9  # of a GPU's memory, the default budget of a GPU worker
+# Default budgets, when none is given: the one place they are computed.
+RAM_FRACTION = 0.6  # of this machine's available RAM: merges in this process (shared by local workers)
+NODE_MEMORY_FRACTION = 0.8  # of a Ray node's memory resource: shared by the workers placed on the node
+GPU_MEMORY_FRACTION = 0.9  # of a GPU's memory: the budget of a GPU worker
 
 
 def row_splittable(pt: PlannedTensor) -> bool:
     """Whether ``pt`` may be merged in row chunks with identical results."""
     if len(pt.shape) < 1 or pt.shape[0] < 2:
         return False
-    if pt.method == "passthrough_buffer":
-        return True
-    method = get_method(pt.method)
+    method = get_method(pt.method, internal=True)
     # randomised methods draw per tensor: chunks would draw different numbers
     return method.row_splittable and not method.randomized
 
@@ -67,8 +68,24 @@ def check_memory(plan: Plan, shards: Iterable[Shard], memory_budget: int) -> Non
             )
 
 
-def default_memory_budget() -> int:
-    return int(psutil.virtual_memory().available * 0.6)
+def default_memory_budget(share: int = 1) -> int:
+    """The budget of one of ``share`` merges running at once on this machine (a share of available RAM)."""
+    return int(psutil.virtual_memory().available * RAM_FRACTION) // share
+
+
+def memory_budget(given: Optional[int]) -> int:
+    """The budget of work in this process: the one given, else the default."""
+    return given or default_memory_budget()
+
+
+def node_worker_budget(node_memory: float, workers_on_node: int) -> Optional[int]:
+    """The budget of each of ``workers_on_node`` workers on a Ray node with ``node_memory`` bytes (None: unknown)."""
+    return int(node_memory * NODE_MEMORY_FRACTION / workers_on_node) or None
+
+
+def gpu_budget(gpu_memory: int) -> Optional[int]:
+    """The budget of a worker on a GPU with ``gpu_memory`` bytes (None: unknown)."""
+    return int(gpu_memory * GPU_MEMORY_FRACTION) or None
 
 
 def planned_budgets(spec: WorkerSpec, options: MergeOptions, n: int) -> list[Optional[int]]:
@@ -79,7 +96,7 @@ def planned_budgets(spec: WorkerSpec, options: MergeOptions, n: int) -> list[Opt
         return [None] * n  # the GPU's memory, known when the workers start
     if spec.memory:
         return [spec.memory] * n
-    return [None if spec.remote else default_memory_budget() // n] * n
+    return [None if spec.remote else default_memory_budget(n)] * n
 
 
 # ---------------------------------------------------------------------------------------------

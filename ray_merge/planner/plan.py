@@ -5,6 +5,7 @@ and the Ray workers run the same plan, cut into output shards.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from ray_merge.planner.architecture import (
     layer_count_key,
     set_config_value,
 )
-from ray_merge.planner.vocab import shape_mismatch_hint, vocab_planner
+from ray_merge.planner.vocab import RowRemap, TokenizerPlan, shape_mismatch_hint, vocab_planner
 from ray_merge.recipe.params import _MISSING, resolve
 from ray_merge.recipe.schema import OutputSlice, Recipe, SliceSource
 
@@ -47,8 +48,10 @@ class TensorInput:
     dtype: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class PlannedTensor:
+    """One output tensor: its inputs, method and resolved parameters (immutable once planned)."""
+
     name: str
     shape: tuple[int, ...]
     out_dtype: str
@@ -60,7 +63,7 @@ class PlannedTensor:
     method: str
     working_bytes: int  # peak memory to compute it (inputs + temporaries + output)
     shard: int = -1
-    row_remap: Optional[object] = None  # vocab.RowRemap: rows remapped to the output vocabulary
+    row_remap: Optional[RowRemap] = None  # rows remapped to the output vocabulary
 
     @property
     def out_bytes(self) -> int:
@@ -80,7 +83,7 @@ class PlannedTensor:
         return total
 
 
-@dataclass
+@dataclass(frozen=True)
 class Shard:
     index: int
     filename: str
@@ -99,7 +102,7 @@ class Plan:
     donor: int  # index of the model whose config / tokenizer / extra files are used
     seed: Optional[int] = None
     notes: list[str] = field(default_factory=list)
-    tokenizer: Optional[object] = None  # vocab.TokenizerPlan: tokenizer files / chat template to write
+    tokenizer: Optional[TokenizerPlan] = None  # tokenizer files / chat template to write
 
     def tensor(self, name: str) -> PlannedTensor:
         return self._by_name[name]
@@ -146,12 +149,13 @@ class _ModelMeta:
 
 class Planner:
     def __init__(self, recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 allow_crimes: bool = False, seed: Optional[int] = None):
+                 allow_crimes: bool = False, seed: Optional[int] = None, trust_remote_code: bool = False):
         self.recipe = recipe
         self.method: MergeMethod = get_method(recipe.merge_method)
         self.out_shard_bytes = out_shard_bytes
         self.allow_crimes = allow_crimes
         self.seed = seed
+        self.trust_remote_code = trust_remote_code  # for the tokenizers a vocabulary merge loads
         self._meta: dict[ModelRef, _ModelMeta] = {}
         self._order: list[ModelRef] = []
         self.vocab = None  # vocab.VocabPlanner when the recipe sets tokenizer / chat_template
@@ -184,7 +188,7 @@ class Planner:
         donor = self.meta(donor_ref)
 
         self.vocab = vocab_planner(recipe, [(str(r), self._meta[r].path, self._meta[r].config) for r in self._order],
-                                   self._order.index(donor_ref))
+                                   self._order.index(donor_ref), self.trust_remote_code)
         tensors: list[PlannedTensor] = []
 
         # Tensors outside the layers: embeddings from the first slice, the rest from the last.
@@ -219,7 +223,7 @@ class Planner:
         out_config = self._out_config(donor, out_layer)
         if self.vocab is not None:
             self.vocab.update_config(out_config)
-        shards = self._shard(tensors)
+        tensors, shards = self._shard(tensors)
         models = [InputModel(str(r), self._meta[r].path) for r in self._order]
         return Plan(
             recipe=recipe,
@@ -241,8 +245,8 @@ class Planner:
             sources = list(sl.sources)
             for j, src in enumerate(sources):
                 n = self.meta(src.model).layout.num_layers
-                if src.layer_range is None:
-                    src.layer_range = (0, n)
+                if src.layer_range is None:  # a copy: the recipe is never changed
+                    sources[j] = src = dataclasses.replace(src, layer_range=(0, n))
                 elif src.layer_range[1] > n:
                     key = f"slices[{i}].sources[{j}].layer_range"
                     raise UserError(f"{list(src.layer_range)} is out of range: {src.model} has {n} layers",
@@ -310,6 +314,11 @@ class Planner:
         if method.base_model == "required" and base_index is None:
             raise UserError(f"merge method {method.name!r} needs base_model {base_ref} among the inputs of {out_name}",
                             source=recipe.source)
+        first_dtype = metas[0][2].dtype
+        non_float = not first_dtype.is_floating_point
+        # Non-float buffers (integer position ids, masks) are copied from the first input, not merged.
+        planned = get_method("copy", internal=True) if non_float else method
+        planned.check_inputs(len(metas), base_index is not None, where=out_name, source=recipe.source)
 
         # Parameters: slice source > slice > global (mergekit's precedence).
         shared_scopes = [sl.parameters, recipe.parameters]
@@ -327,9 +336,7 @@ class Planner:
                 mp[p.name] = self._default(p, v, in_name, ref, is_base=i == base_index)
             model_params.append(mp)
 
-        first_dtype = metas[0][2].dtype
         compute = recipe.dtype
-        non_float = not first_dtype.is_floating_point
         if non_float:
             compute = None
         out_dtype = recipe.out_dtype or compute or dtype_name(first_dtype)
@@ -344,8 +351,8 @@ class Planner:
             numel *= d
         compute_itemsize = DTYPE_BY_NAME[compute].itemsize if compute else first_dtype.itemsize
         in_bytes = sum(tm.numel * tm.dtype.itemsize for _, _, tm in metas)
-        temporaries = (len(metas) * (1 + method.extra.get("workspace_per_input", 0))
-                       + method.extra.get("workspace_tensors", 2))
+        temporaries = (len(metas) * (1 + planned.extra.get("workspace_per_input", 0))
+                       + planned.extra.get("workspace_tensors", 2))
         work = in_bytes + numel * compute_itemsize * temporaries
         pt = PlannedTensor(
             name=out_name,
@@ -357,11 +364,11 @@ class Planner:
             compute_dtype=compute,
             params=params,
             model_params=model_params,
-            method=method.name if not non_float else "passthrough_buffer",
+            method=planned.name,
             working_bytes=int(work),
         )
         if vocab_rows:
-            self.vocab.attach(pt, method)
+            pt = self.vocab.remapped(pt, method)
         return pt
 
     def _default(self, p, value, tensor: str, model: Optional[ModelRef], *, is_base: bool):
@@ -394,7 +401,8 @@ class Planner:
                 cfg[k] = [v[i % len(v)] for i in range(num_layers)]
         return cfg
 
-    def _shard(self, tensors: list[PlannedTensor]) -> list[Shard]:
+    def _shard(self, tensors: list[PlannedTensor]) -> tuple[list[PlannedTensor], list[Shard]]:
+        """Cut the tensors, in order, into output shards; return them with their shard set, and the shards."""
         groups: list[list[PlannedTensor]] = [[]]
         size = 0
         for t in tensors:
@@ -405,13 +413,9 @@ class Planner:
             groups[-1].append(t)
             size += b
         n = len(groups)
-        shards = []
-        for i, g in enumerate(groups):
-            for t in g:
-                t.shard = i
-            shards.append(Shard(i, f"model-{i + 1:05d}-of-{n:05d}.safetensors", [t.name for t in g],
-                                sum(t.out_bytes for t in g)))
-        return shards
+        shards = [Shard(i, f"model-{i + 1:05d}-of-{n:05d}.safetensors", [t.name for t in g],
+                        sum(t.out_bytes for t in g)) for i, g in enumerate(groups)]
+        return [dataclasses.replace(t, shard=i) for i, g in enumerate(groups) for t in g], shards
 
 
 def _natural_key(name: str):

@@ -22,33 +22,27 @@ Rows added by ``pad_to_multiple_of`` take each model's mean row over the vocabul
 The merge method then runs on these aligned per-model tensors, so every method works
 across vocabularies.
 
-Memory: only the rows an output chunk needs are read (``pread`` of row ranges, never the
-whole tensor), and for methods whose output rows depend only on the same input rows
+Memory (ray_merge.execute.rows): only the rows an output chunk needs are read (row ranges
+through ray_merge.io, never the whole tensor), and for methods whose output rows depend only on the same input rows
 (``row_splittable``) the merged tensor is computed and written chunk by chunk, the chunk
 size set by ``--memory-budget``. Other methods need whole tensors; for them the remapped
 per-model tensors are assembled chunk by chunk (the originals are never loaded whole).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
-from ray_merge.chat_template import resolve_chat_template, write_chat_template
+from ray_merge.chat_template import resolve_chat_template
 from ray_merge.errors import UserError
 from ray_merge.io.models import ModelRef, resolve_model_dir
-from ray_merge.io.tokenizers import (
-    TOKENIZER_FILES,
-    _load_tokenizer,
-    _reload,
-    _save,
-    _strip_tokenizer,
-)
+from ray_merge.io.tokenizers import _load_tokenizer, _reload, _save, _strip_tokenizer
 from ray_merge.recipe.tokenizer import _same_model, parse_tokenizer_settings
 
 log = logging.getLogger("ray_merge")
@@ -103,10 +97,6 @@ def shape_mismatch_hint(name: str) -> str:
 # ---------------------------------------------------------------------------
 
 
-def one_line(e: Exception) -> str:
-    return " ".join(str(e).split())[:300]
-
-
 @dataclass
 class _Resolved:
     """A token override resolved against the output vocabulary and the plan's models."""
@@ -120,9 +110,12 @@ class _Resolved:
     key: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class TokenizerPlan:
-    """What the output directory gets: tokenizer files and/or a chat template (picklable, light)."""
+    """What the output directory gets: tokenizer files and/or a chat template (picklable, light).
+
+    ray_merge.output.tokenizer writes it.
+    """
 
     source: Optional[str]  # None: no tokenizer settings (the donor's tokenizer is copied)
     files: Optional[dict[str, bytes]] = None  # the built tokenizer, relative path -> bytes
@@ -131,43 +124,19 @@ class TokenizerPlan:
     out_rows: int = 0  # rows of the output embeddings (n_vocab padded)
     added: list[str] = field(default_factory=list)  # tokens the output has that the base lacks
 
-    def write(self, stage: str, donor_dir: str, copy_tokenizer: bool) -> None:
 
-        if self.files is not None:
-            for rel, data in sorted(self.files.items()):
-                path = os.path.join(stage, rel)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "wb") as f:
-                    f.write(data)
-            return
-        if not copy_tokenizer:
-            if self.chat_template:
-                log.warning("chat_template given but --no-copy-tokenizer: no tokenizer, so no template, written")
-            return
-        copied = False
-        for name in TOKENIZER_FILES:
-            src = os.path.join(donor_dir, name)
-            if os.path.exists(src):
-                shutil.copyfile(src, os.path.join(stage, name))
-                copied = True
-        if self.chat_template:
-            if copied:
-                write_chat_template(stage, self.chat_template)
-            else:
-                log.warning("chat_template given but the donor model has no tokenizer files; template not written")
-
-
-def vocab_planner(recipe, models: list[tuple[str, str, dict]], donor: int) -> Optional["VocabPlanner"]:
+def vocab_planner(recipe, models: list[tuple[str, str, dict]], donor: int,
+                  trust_remote_code: bool = False) -> Optional["VocabPlanner"]:
     """The planner's vocabulary state, or None when the recipe sets no tokenizer nor chat template."""
     if recipe.tokenizer is None and recipe.tokenizer_source is None and not recipe.chat_template:
         return None
-    return VocabPlanner(recipe, models, donor)
+    return VocabPlanner(recipe, models, donor, trust_remote_code)
 
 
 class VocabPlanner:
     """Plan-time state: the output vocabulary and every model's permutation into it.
 
-    Built by the planner (plan.py) before tensors are planned; ``attach`` gives each
+    Built by the planner (plan.py) before tensors are planned; ``remapped`` gives each
     vocabulary tensor its RowRemap. Only the light ``plan`` (a TokenizerPlan) goes into
     the Plan.
     """
@@ -182,9 +151,10 @@ class VocabPlanner:
         template = resolve_chat_template(recipe.chat_template, [m[1] for m in models])
         self.perms: dict[int, torch.Tensor] = {}
         self.overrides: list[_Resolved] = []
-        self.plan = TokenizerPlan(source=None, chat_template=template)
-        if self.settings is not None:
-            self._build(trust_remote_code)
+        if self.settings is None:
+            self.plan = TokenizerPlan(source=None, chat_template=template)
+        else:
+            self.plan = self._build(template, trust_remote_code)
 
     @property
     def remaps(self) -> bool:
@@ -196,13 +166,14 @@ class VocabPlanner:
     def _vocab_size(self, i: int, tok) -> int:
         return config_vocab_size(self.models[i][2]) or len(tok.get_vocab())
 
-    def _build(self, trust_remote_code: bool) -> None:
+    def _build(self, template: Optional[str], trust_remote_code: bool) -> TokenizerPlan:
+        """The output tokenizer; fills in every model's permutation and the resolved overrides."""
 
         s = self.settings
         base_i = self.donor
         base_ref, base_dir, _ = self.models[base_i]
         base_raw = _load_tokenizer(base_dir, base_ref, True, trust_remote_code)
-        base_tok = _strip_tokenizer(base_raw, self._vocab_size(base_i, base_raw), base_ref)
+        base_tok = _strip_tokenizer(base_raw, self._vocab_size(base_i, base_raw), base_ref, trust_remote_code)
         toks: dict[int, Any] = {base_i: base_tok}
         for i, (ref, path, _) in enumerate(self.models):
             if i != base_i:
@@ -227,8 +198,8 @@ class VocabPlanner:
             if ov.token not in have:
                 out.add_tokens(ov.token)
                 have.add(ov.token)
-        if self.plan.chat_template:
-            out.chat_template = self.plan.chat_template
+        if template:
+            out.chat_template = template
 
         from transformers import AutoTokenizer
 
@@ -247,11 +218,7 @@ class VocabPlanner:
         if s.pad_to_multiple_of and out_rows % s.pad_to_multiple_of:
             out_rows += s.pad_to_multiple_of - out_rows % s.pad_to_multiple_of
         base_vocab = base_tok.get_vocab()
-        self.plan.source = source
-        self.plan.files = files
-        self.plan.n_vocab = n_vocab
-        self.plan.out_rows = out_rows
-        self.plan.added = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if t not in base_vocab]
+        added = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if t not in base_vocab]
 
         # permutations: each model's row of each output token (-1: absent)
         originals: dict[int, dict[str, int]] = {}
@@ -292,6 +259,8 @@ class VocabPlanner:
                 else:
                     row = ov.src_token_id
             self.overrides.append(_Resolved(out_id, ov.token, ov.kind, model, row, ov.force, key))
+        return TokenizerPlan(source=source, files=files, chat_template=template, n_vocab=n_vocab,
+                             out_rows=out_rows, added=added)
 
     def _union(self, base_tok, toks: dict[int, Any], trust_remote_code: bool):
         """The base tokenizer plus every token another model has, in model order then id order."""
@@ -338,8 +307,8 @@ class VocabPlanner:
             raise UserError(f"tensor {name}: embedding widths differ across models ({desc})",
                             source=self.recipe.source)
 
-    def attach(self, pt, method) -> None:
-        """Give a planned vocabulary tensor its RowRemap, output shape and working memory."""
+    def remapped(self, pt, method):
+        """A planned vocabulary tensor with its RowRemap, output shape and working memory."""
         n_in = len(pt.inputs)
         V = self.plan.n_vocab
         P = torch.stack([self.perms[i.model] for i in pt.inputs]).to(torch.int64)
@@ -412,11 +381,10 @@ class VocabPlanner:
             def_row=def_row.to(torch.int32), chunked=chunked, compute_dtype=comp, rest=rest,
             per_row_bytes=per_row, whole_bytes=0 if chunked else whole,
         )
-        pt.row_remap = rm
-        pt.shape = (out_rows, *rest)
-        # as for any tensor: the working set of merging it at once (executor.row_bytes() divides
+        # as for any tensor: the working set of merging it at once (memory.row_bytes() divides
         # it by the rows); a chunked remap never needs more than rows_per_chunk() rows of it
-        pt.working_bytes = int(per_row * out_rows if chunked else whole + per_row * min(out_rows, MIN_CHUNK_ROWS))
+        working = int(per_row * out_rows if chunked else whole + per_row * min(out_rows, MIN_CHUNK_ROWS))
+        return dataclasses.replace(pt, row_remap=rm, shape=(out_rows, *rest), working_bytes=working)
 
     def update_config(self, config: dict) -> None:
         if self.remaps:
@@ -424,11 +392,11 @@ class VocabPlanner:
 
 
 # ---------------------------------------------------------------------------
-# Row remaps (execution)
+# Row remaps (plan data; ray_merge.execute.rows reads the rows they name)
 # ---------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class RowRemap:
     """How to build each input model's rows of one vocabulary tensor (see the module doc)."""
 

@@ -144,8 +144,3 @@ def check_recipe(recipe, err: Callable[[str, str], Exception]) -> None:
 
     parse_tokenizer_settings(recipe, err)
     check_chat_template(recipe.chat_template, err)
-
-
-# ---------------------------------------------------------------------------
-# Config helpers
-# ---------------------------------------------------------------------------
