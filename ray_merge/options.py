@@ -1,12 +1,35 @@
-"""Options of a merge and of its workers: plain data, read by every layer.
+"""Options of a merge, of its workers and of the evolve command: plain data, read by every layer.
+
+This is also the table of command-line flags. Each option is described once, in its field's metadata
+(made by ``option()``): its flags, the kind of value it takes and its help. ``ray_merge/cli/options.py``
+turns a group of options (a dataclass here) into argparse arguments and the parsed arguments back into
+the dataclass, so every command that takes an option takes the same flag with the same meaning.
+
+Kinds of value: ``int``, ``float``, ``str``, ``size`` (bytes as people write them: 5B, 2GiB), ``switch``
+(a flag that sets True), ``toggle`` (``--x`` / ``--no-x``), ``count`` (``-vv``), ``list`` (repeatable) and
+``resources`` (repeatable NAME=AMOUNT, read into a dict).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from typing import Optional
 
 DEFAULT_SHARD_BYTES = 5_000_000_000  # output shard size (mergekit's default --out-shard-size)
+
+
+def option(*flags: str, default=None, factory=MISSING, kind: str = "str", help: str = "", metavar=None,
+           choices=None, required: bool = False, dest: Optional[str] = None, shortcut=None):
+    """A dataclass field that a command-line flag sets.
+
+    ``dest``: the argparse attribute (default: from the first long flag). ``shortcut``: (flag, value,
+    help) of a second flag that sets the same option to a fixed value (``--cuda`` for ``--device cuda``).
+    """
+    meta = {"flags": flags, "kind": kind, "help": help, "metavar": metavar, "choices": choices,
+            "required": required, "dest": dest, "shortcut": shortcut}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 def in_ray_job() -> bool:
@@ -15,17 +38,34 @@ def in_ray_job() -> bool:
 
 
 @dataclass
+class CommandFlags:
+    """Flags of the commands that are not options of a merge: recipe overrides and log verbosity."""
+
+    overrides: list = option("--set", factory=list, kind="list", metavar="KEY=VALUE", dest="overrides",
+                             help="override a recipe value, e.g. --set parameters.t=0.3 (repeatable)")
+    verbose: int = option("-v", "--verbose", default=0, kind="count")
+
+
+@dataclass
 class MergeOptions:
-    device: str = "cpu"
-    random_seed: Optional[int] = None
-    out_shard_bytes: int = DEFAULT_SHARD_BYTES
-    memory_budget: Optional[int] = None  # bytes; None: a safe share of RAM
-    copy_tokenizer: bool = True
-    write_model_card: bool = True
-    allow_crimes: bool = False
-    trust_remote_code: bool = False
-    resume: bool = False
-    quiet: bool = False
+    device: str = option("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)",
+                         shortcut=("--cuda", "cuda", "same as --device cuda"))
+    random_seed: Optional[int] = option("--random-seed", kind="int",
+                                        help="seed for randomised methods (default 0)")
+    out_shard_bytes: int = option("--out-shard-size", default=DEFAULT_SHARD_BYTES, kind="size",
+                                  help="max bytes per output shard (default 5B = 5e9, as mergekit)")
+    memory_budget: Optional[int] = option(  # bytes; None: a safe share of RAM
+        "--memory-budget", kind="size",
+        help="peak memory for tensor work, e.g. 2GiB (default: 60%% of available RAM)")
+    copy_tokenizer: bool = option("--copy-tokenizer", default=True, kind="toggle")
+    write_model_card: bool = option("--write-model-card", default=True, kind="toggle")
+    allow_crimes: bool = option("--allow-crimes", default=False, kind="switch",
+                                help="allow merging different architectures")
+    trust_remote_code: bool = option("--trust-remote-code", default=False, kind="toggle",
+                                     help="run the models' own code when loading their tokenizers and configs")
+    resume: bool = option("--resume", default=False, kind="switch",
+                          help="finish an interrupted merge, keeping finished shards")
+    quiet: bool = option("--quiet", default=False, kind="switch", help="no progress bar or notes")
     extra: dict = field(default_factory=dict)
 
 
@@ -33,16 +73,62 @@ class MergeOptions:
 class WorkerSpec:
     """How many merge workers, where, and with what resources."""
 
-    workers: Optional[int] = None  # None with an address: one per node that fits a worker
-    address: Optional[str] = None  # None: a local Ray instance (or the cluster of the Ray job we run in)
-    memory: Optional[int] = None  # host bytes per worker (a Ray `memory` reservation and the budget)
-    gpus: float = 0.0
-    cpus: float = 1.0
-    resources: dict = field(default_factory=dict)  # custom Ray resources each worker needs
-    start_timeout: float = 300.0
-    shard_delay: float = 0.0  # tests only
+    workers: Optional[int] = option(  # None with an address: one per node that fits a worker
+        "--workers", kind="int", metavar="N",
+        help="merge with N Ray worker actors; without --address a local Ray instance (127.0.0.1) is started "
+             "(inside a Ray job: that job's cluster)")
+    address: Optional[str] = option(  # None: a local Ray instance (or the cluster of the Ray job we run in)
+        "--address", metavar="ADDR",
+        help="join an existing Ray cluster: auto, HOST:PORT or ray://HOST:10001 (default workers: one per node)")
+    memory: Optional[int] = option(  # host bytes per worker (a Ray `memory` reservation and the budget)
+        "--worker-memory", kind="size", metavar="SIZE",
+        help="host memory per worker, e.g. 16GiB: reserved on the node (Ray's memory resource) and, for CPU "
+             "workers, the worker's memory budget (default: a share of the node's memory)")
+    gpus: float = option("--worker-gpus", default=0.0, kind="float", metavar="N",
+                         help="GPUs per worker: the worker merges on its GPU and its memory budget is 90%% of "
+                              "the GPU's memory (--memory-budget overrides)")
+    cpus: float = option("--worker-cpus", default=1.0, kind="float", metavar="N", help="CPUs per worker (default 1)")
+    resources: dict = option(  # custom Ray resources each worker needs
+        "--worker-resource", factory=dict, kind="resources", metavar="NAME=AMOUNT",
+        help="a custom Ray resource each worker needs, e.g. merge=1 to use only nodes started with "
+             "--resources '{\"merge\": 4}' (repeatable)")
+    start_timeout: float = option("--worker-start-timeout", default=300.0, kind="float", metavar="SECONDS",
+                                  help="how long to wait for workers to start (autoscaling clusters: longer)")
 
     @property
     def remote(self) -> bool:
         """Workers run on a cluster we did not start (an address, or the cluster of our Ray job)."""
         return bool(self.address) or in_ray_job()
+
+
+@dataclass
+class EvolveOptions:
+    """`ray-merge evolve`'s own flags (it also takes --set, --resume, --workers, --address, --random-seed,
+    -v and --quiet from the groups above). The search reads the rest of its settings from its config."""
+
+    storage_path: Optional[str] = option("--storage-path", required=True, metavar="DIR",
+                                         help="where the history, checkpoints, best_config.yml and the report go")
+    backend: Optional[str] = option("--backend", choices=("hf", "vllm"),
+                                    help="evaluation backend (default: config)")
+    max_fevals: Optional[int] = option("--max-fevals", kind="int",
+                                       help="stop after this many evaluations (default: config)")
+    popsize: Optional[int] = option("--popsize", kind="int", help="CMA-ES population size (default: config / cma)")
+    sigma0: Optional[float] = option("--sigma0", kind="float", help="CMA-ES initial step, in units of each range")
+    limit: Optional[float] = option("--limit", kind="float", help="examples per task (lm-eval's limit)")
+    batch_size: Optional[str] = option("--batch-size", help="lm-eval batch size (an integer or auto)")
+    task_search_path: list = option("--task-search-path", factory=list, kind="list", metavar="DIR",
+                                    help="more lm-eval task directories (as mergekit-evolve; repeatable)")
+    no_report: bool = option("--no-report", default=False, kind="switch", help="skip the plots and the summary")
+
+
+# mergekit flags accepted for compatibility: they change nothing here, and say so
+NOTED_FLAGS = {
+    "--lazy-unpickle": "has no effect (reads are lazy and streamed)",
+    "--no-lazy-unpickle": "has no effect (reads are lazy and streamed)",
+    "--low-cpu-memory": "has no effect (reads are lazy and streamed)",
+    "--read-to-gpu": "has no effect (reads are lazy and streamed)",
+    "--async-write": "has no effect (reads are lazy and streamed)",
+    "--multi-gpu": "has no effect: use --workers/--address to spread work over devices",
+    "--load-in-4bit": "is not supported; the base model is run in bfloat16",
+    "--load-in-8bit": "is not supported; the base model is run in bfloat16",
+}

@@ -39,7 +39,7 @@ def read_files(d) -> dict[str, bytes]:
 # --------------------------------------------------------------------------------------------
 
 def test_shipped_recipe_has_absolute_model_paths(models_dir, tmp_path, monkeypatch):
-    from ray_merge.cli.cluster import ship_recipe
+    from ray_merge.cli.jobs import ship_recipe
 
     monkeypatch.chdir(models_dir)
     src = write_recipe(tmp_path / "rel.yml", LINEAR + "base_model: llama_base\n", **{"M/": ""})
@@ -54,7 +54,7 @@ def test_shipped_recipe_has_absolute_model_paths(models_dir, tmp_path, monkeypat
 
 def test_submit_forwards_run_options():
     from ray_merge.cli import build_parser
-    from ray_merge.cli.cluster import forwarded_run_args
+    from ray_merge.cli.jobs import forwarded_run_args
 
     args = build_parser().parse_args([
         "submit", "r.yml", "out", "--address", "http://h:8265", "--workers", "4", "--worker-memory", "16GiB",

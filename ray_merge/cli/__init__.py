@@ -1,7 +1,10 @@
-"""The `ray-merge` command.
+"""The `ray-merge` command: one module per command (or per family of commands).
 
-Each subcommand lives with the code it drives; a module listed in SUBCOMMANDS
-exposes ``add_parser(subparsers)``, which registers its parser with a ``func``.
+Each module listed in COMMANDS exposes ``add_parser(subparsers)``, which registers its
+parsers with a ``func``. Modules import only the options table at import time; a command's
+implementation (and torch, Ray, transformers with it) is imported when the command runs, so
+``ray-merge --help`` starts fast. Every flag comes from the options table (ray_merge/options.py)
+through ray_merge/cli/options.py.
 """
 from __future__ import annotations
 
@@ -13,10 +16,15 @@ import sys
 
 from ray_merge.errors import UserError
 
-SUBCOMMANDS = [
-    "ray_merge.cli.merge",  # run, plan, methods, demo
-    "ray_merge.cli.cluster",  # submit, status, logs, stop (a merge as a Ray job)
-    "ray_merge.cli.tools",  # extract-lora, moe, multi
+COMMANDS = [
+    "ray_merge.cli.run",  # run
+    "ray_merge.cli.plan",  # plan
+    "ray_merge.cli.methods",  # methods
+    "ray_merge.cli.demo",  # demo
+    "ray_merge.cli.jobs",  # submit, status, logs, stop (a merge as a Ray job)
+    "ray_merge.cli.lora",  # extract-lora
+    "ray_merge.cli.moe",  # moe
+    "ray_merge.cli.multi",  # multi
     "ray_merge.cli.evolve",  # evolve (evolutionary merge search, the evolve package)
 ]
 
@@ -29,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for mod in SUBCOMMANDS:
+    for mod in COMMANDS:
         importlib.import_module(mod).add_parser(sub)
     return parser
 

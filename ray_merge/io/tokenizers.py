@@ -54,7 +54,7 @@ def _reload(tok, trust_remote_code: bool = False):
         return AutoTokenizer.from_pretrained(d, trust_remote_code=trust_remote_code)
 
 
-def _strip_tokenizer(tok, vocab_size: int, label: str):
+def _strip_tokenizer(tok, vocab_size: int, label: str, trust_remote_code: bool = False):
     """The tokenizer without the tokens whose ids are >= the model's vocab_size (no embedding row)."""
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
@@ -95,6 +95,6 @@ def _strip_tokenizer(tok, vocab_size: int, label: str):
                     cfg[key] = [t for t in cfg[key] if (t if isinstance(t, str) else t.get("content")) not in drop]
             with open(cfg_path, "w", encoding="utf-8") as f:
                 json.dump(cfg, f, indent=2, ensure_ascii=False)
-        out = AutoTokenizer.from_pretrained(d)
+        out = AutoTokenizer.from_pretrained(d, trust_remote_code=trust_remote_code)
     log.info("model %s: %d tokenizer entries past vocab_size=%d ignored", label, len(drop), vocab_size)
     return out

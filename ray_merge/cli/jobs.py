@@ -1,4 +1,4 @@
-"""`ray-merge submit`, `ray-merge status`, `ray-merge logs`: a merge as a Ray job.
+"""`ray-merge submit`, `ray-merge status`, `ray-merge logs`, `ray-merge stop`: a merge as a Ray job.
 
 `submit` ships the recipe (its local model paths made absolute) in the job's
 runtime_env working_dir and runs ``ray-merge run RECIPE OUT --address auto ...`` as
@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 
+from ray_merge.cli.run import add_merge_flags, add_run_flags
 from ray_merge.errors import UserError
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
@@ -27,26 +28,20 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 MODEL_KEYS = ("model", "base_model", "tokenizer_source", "source")
 
 
+ADDRESS_HELP = ("the cluster's dashboard (job API), e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, "
+                f"an http $RAY_ADDRESS, or {DEFAULT_DASHBOARD})")
+
+
 def _add_address(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default=None, metavar="URL",
-                   help="the cluster's dashboard (job API), e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, "
-                        f"an http $RAY_ADDRESS, or {DEFAULT_DASHBOARD})")
+    p.add_argument("--address", default=None, metavar="URL", help=ADDRESS_HELP)
 
 
 def add_parser(sub) -> None:
-    from ray_merge.cli.merge import add_merge_options, add_run_options
-
     p = sub.add_parser("submit", help="run a merge as a Ray job on a cluster; prints the job id",
                        description="Submit `ray-merge run RECIPE OUT --address auto [options]` as a Ray job. "
                                    "The recipe is shipped with the job; model paths and OUT must be visible "
                                    "on the cluster's nodes.")
-    add_merge_options(p)
-    add_run_options(p)  # its --address is, here, the dashboard URL
-    for action in p._actions:
-        if action.dest == "address":
-            action.help = (f"the cluster's dashboard (job API), e.g. http://HEAD:8265 (default: "
-                           f"$RAY_API_SERVER_ADDRESS, an http $RAY_ADDRESS, or {DEFAULT_DASHBOARD})")
-            action.metavar = "URL"
+    _add_run_arguments(p, address_help=ADDRESS_HELP)  # its --address is, here, the dashboard URL
     p.add_argument("--job-id", default=None, help="submission id to use (default: Ray picks one)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for the job and its workers, e.g. HF_TOKEN=... (repeatable)")
@@ -69,6 +64,16 @@ def add_parser(sub) -> None:
     sp.add_argument("job_id")
     _add_address(sp)
     sp.set_defaults(func=cmd_stop)
+
+
+def _add_run_arguments(p, address_help=None) -> None:
+    """`run`'s arguments, as `submit` takes them (and forwards them to the job's `run`)."""
+    p.add_argument("recipe", help="mergekit-style YAML recipe")
+    add_merge_flags(p)
+    add_run_flags(p)
+    for action in p._actions:
+        if action.dest == "address" and address_help:
+            action.help, action.metavar = address_help, "URL"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,11 +164,8 @@ def ship_recipe(path: str, overrides: list[str], dest_dir: str) -> str:
 
 def forwarded_run_args(args) -> list[str]:
     """`run` options given to `submit` (non-default values), as command-line words."""
-    from ray_merge.cli.merge import add_merge_options, add_run_options
-
     ref = argparse.ArgumentParser(add_help=False)
-    add_merge_options(ref)
-    add_run_options(ref)
+    _add_run_arguments(ref)
     words: list[str] = []
     for a in ref._actions:
         if not a.option_strings or a.dest in ("address", "help"):
