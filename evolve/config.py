@@ -14,7 +14,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from evolve.scoring import LM_EVAL_ARGS
 from ray_merge.errors import UserError
+from ray_merge.methods import get_method
+from ray_merge.recipe.load import load_yaml
+from ray_merge.recipe.schema import DTYPE_ALIASES, DTYPES
 
 TOP_KEYS = {"genome", "tasks", "search", "evaluation", "seed", "name",
             # mergekit-evolve's top-level lm-eval options
@@ -133,8 +137,6 @@ class EvolveConfig:
 
 
 def load_config(path: str, overrides: Optional[list[str]] = None) -> EvolveConfig:
-    from ray_merge.recipe.load import load_yaml
-
     data = load_yaml(path, overrides, what="config")
     return config_from_dict(data, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
 
@@ -282,9 +284,6 @@ def _model(v: Any, key: str, base_dir: str, err) -> str:
 
 
 def _genome(g: Any, base_dir: str, err) -> GenomeConfig:
-    from ray_merge.methods import get_method
-    from ray_merge.recipe.schema import DTYPE_ALIASES, DTYPES
-
     if not isinstance(g, dict):
         raise err("genome", "must be a mapping")
     _no_unknown(g, GENOME_KEYS, "genome", err)
@@ -440,8 +439,6 @@ def _evaluation(ev: dict, base_dir: str, err) -> EvalConfig:
     if not isinstance(merge_device, str) or not (merge_device in ("auto", "cpu") or merge_device.startswith("cuda")):
         raise err("evaluation.merge_device", f"must be auto, cpu or cuda[:N], got {merge_device!r}")
     lm_eval = _mapping(ev.get("lm_eval"), "evaluation.lm_eval", err)
-    from evolve.evaluator import LM_EVAL_ARGS
-
     for k in lm_eval:
         if k in RESERVED_LM_EVAL:
             where = "evaluation.model_args" if k == "model_args" else f"evaluation.{k}"

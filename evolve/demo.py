@@ -1,7 +1,7 @@
 """The CPU demonstration of the evolutionary search, end to end.
 
 ``python -m evolve.demo [--storage-path DIR] [--resume]``: builds the demo models if needed
-(scripts/make_demo_models.py: a tiny Llama base, an addition fine-tune and a string-reversal fine-tune),
+(evolve/demo_models.py: a tiny Llama base, an addition fine-tune and a string-reversal fine-tune),
 runs ``ray-merge evolve configs/evolve/demo.yml``, then scores the input models and the best merge found on
 the held-out ``*_final`` splits of the two tasks (examples the search never saw) and prints both tables.
 """
@@ -9,9 +9,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
+
+# The demo never touches the hub: said before anything imports huggingface_hub, datasets or transformers.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from evolve.config import load_config  # noqa: E402
+from evolve.demo_eval import score_model  # noqa: E402
+from evolve.demo_models import DEFAULT_OUT, ensure_demo_models  # noqa: E402
+from evolve.evaluator import CandidateBuilder  # noqa: E402
+from evolve.search import RunOptions, run_search  # noqa: E402
+from evolve.storage import Storage  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "evolve" / "demo.yml"
@@ -19,11 +33,7 @@ CONFIG = REPO / "configs" / "evolve" / "demo.yml"
 
 def final_scores(recipe: dict, tasks: list[str], limit=None) -> dict[str, float]:
     """Build ``recipe`` in memory and score it with lm-eval on ``tasks``."""
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from evolve.demo_eval import score_model
-    from evolve.evaluator import CandidateBuilder
 
     sd, plan = CandidateBuilder(seed=0).build(recipe)
     cfg = dict(plan.out_config)
@@ -35,27 +45,16 @@ def final_scores(recipe: dict, tasks: list[str], limit=None) -> dict[str, float]
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--storage-path", default=str(REPO / "demo_out" / "evolve"))
     p.add_argument("--resume", action="store_true")
     p.add_argument("--config", default=str(CONFIG))
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args(argv)
-    import logging
-
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-
-    sys.path.insert(0, str(REPO / "scripts"))
-    from make_demo_models import DEFAULT_OUT, ensure_demo_models
 
     models = ensure_demo_models(os.environ.get("RAY_MERGE_DEMO_MODELS") or DEFAULT_OUT, seed=0)
     os.environ["RAY_MERGE_DEMO_MODELS"] = str(models)  # demo.yml reads it
-
-    from evolve.config import load_config
-    from evolve.search import RunOptions, run_search
-    from evolve.storage import Storage
 
     cfg = load_config(args.config, args.overrides)
     run_search(cfg, args.storage_path, RunOptions(resume=args.resume))

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from evolve.demo_models import ensure_demo_models
+
 # The demo never touches the hub; make that explicit before datasets or
 # transformers are imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -154,9 +156,6 @@ def main(argv: list[str] | None = None) -> int:
 
     models_dir = args.models
     if models_dir is None:
-        sys.path.insert(0, str(REPO_ROOT / "scripts"))
-        from make_demo_models import ensure_demo_models
-
         models_dir = ensure_demo_models(seed=args.seed)
     tasks = list(FINAL_TASKS if args.final else DEMO_TASKS)
 

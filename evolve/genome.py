@@ -27,7 +27,9 @@ import numpy as np
 
 from evolve.config import GenomeConfig
 from ray_merge.errors import UserError
+from ray_merge.io.models import ModelRef, read_config, resolve_model_dir
 from ray_merge.methods import get_method
+from ray_merge.planner.architecture import get_config_value, layer_count_key
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,6 @@ class Gene:
 
 
 def num_layers_of(model: str, source: str = "<config>") -> int:
-    from ray_merge.io.models import ModelRef, read_config, resolve_model_dir
-    from ray_merge.planner.architecture import get_config_value, layer_count_key
-
     path = resolve_model_dir(ModelRef.parse(model), weights=False)
     config = read_config(path, model)
     key = layer_count_key(config)
@@ -136,8 +135,6 @@ class Genome:
 
     @classmethod
     def from_config(cls, cfg: GenomeConfig, source: str = "<config>") -> "Genome":
-        from ray_merge.io.models import ModelRef, resolve_model_dir
-
         named = [(f"genome.models[{i}]", m) for i, m in enumerate(cfg.models)]
         if cfg.base_model is not None:
             named.append(("genome.base_model", cfg.base_model))

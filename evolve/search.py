@@ -1,9 +1,11 @@
-"""The search: CMA-ES (``cma``, ask / tell) over the genome, each generation evaluated in parallel on Ray.
+"""The search: the generation loop. CMA-ES (evolve.searcher) proposes each generation; it is evaluated in
+parallel on Ray; every result goes to the history, and the search is checkpointed after every generation.
 
-One evaluator actor per GPU (per CPU slot without GPUs); the scheduler keeps ``in_flight`` candidates on
-every actor (one scoring, the next one merging), handing each to whichever actor has room. A candidate
-whose evaluation fails is retried once on another actor, then recorded as failed with its error and given
-a fitness worse than any seen. An actor that dies is replaced.
+One evaluator actor per GPU (per CPU slot without GPUs), driven by ray_merge's ``WorkPool``: every actor
+holds ``in_flight`` candidates (one scoring, the next one merging). A candidate whose evaluation fails is
+retried once on another actor, then recorded as failed with its error and given a fitness worse than any
+seen. An actor that dies is replaced; each candidate it held counts a failed attempt (which one killed it
+is unknown) and is retried elsewhere.
 
 After every generation the CMA-ES state is checkpointed (the ``cma`` object pickled after the next ``ask``,
 with that generation's population and ids and numpy's and Python's RNG states), so ``--resume`` continues a
@@ -12,29 +14,29 @@ reused, the others evaluated, and no finished evaluation is lost or repeated.
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
-import random
 import sys
-import tempfile
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 
 from evolve.config import EvolveConfig
-from evolve.evaluator import combined_score, format_exception
+from evolve.evaluator import Evaluator
 from evolve.genome import Genome
+from evolve.report import write_report
+from evolve.scoring import combined_score, format_exception
+from evolve.searcher import Searcher
 from evolve.storage import Storage
 from ray_merge.errors import UserError
-from ray_merge.execute.ray.session import join_ray_cluster
-
-log = logging.getLogger("ray_merge.evolve")
-INJECT_ENV = "RAY_MERGE_EVOLVE_INJECT_FAILURE"  # test-only: "ID[:N[:raise|exit]],..." (see evaluator.py)
+from ray_merge.execute.ray.pool import WorkPool
+from ray_merge.execute.ray.session import ray_session
+from ray_merge.options import WorkerSpec
+from ray_merge.planner.plan import plan_recipe
+from ray_merge.recipe.load import recipe_from_dict
 
 
 @dataclass
@@ -68,88 +70,43 @@ def _say(opts: RunOptions, msg: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Ray and the evaluator pool
+# the evaluator pool
 # --------------------------------------------------------------------------------------------------------
-class RaySession:
-    """Connects to a cluster (``--address``, or the job's cluster inside ``ray job submit``) or starts a
-    local instance on 127.0.0.1; shuts down only what it started."""
-
-    def __init__(self, address: Optional[str], verbose: int, local_cpus: int):
-        self.address = address
-        self.verbose = verbose
-        self.local_cpus = local_cpus
-        self.temp_dir: Optional[str] = None
-        self.connected_here = False
-
-    def __enter__(self):
-        remote = bool(self.address) or bool(os.environ.get("RAY_ADDRESS")) or bool(os.environ.get("RAY_JOB_ID"))
-        if not remote and "ray" not in sys.modules:
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
-        import ray
-
-        quiet = dict(logging_level=logging.INFO if self.verbose >= 2 else logging.WARNING,
-                     log_to_driver=self.verbose >= 1)
-        if ray.is_initialized():
-            return self
-        if remote:
-            join_ray_cluster(self.address or os.environ.get("RAY_ADDRESS") or "auto", **quiet)
-        else:
-            base = os.environ.get("RAY_TMPDIR") or "/tmp"  # Ray's socket paths are limited to ~107 chars
-            self.temp_dir = tempfile.mkdtemp(prefix="rm-ev-", dir=base)
-            ray.init(address="local", num_cpus=self.local_cpus, _node_ip_address="127.0.0.1",
-                     include_dashboard=False, _temp_dir=self.temp_dir, object_store_memory=256 * 2**20,
-                     **quiet)
-        self.connected_here = True
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        import shutil
-
-        import ray
-
-        if self.connected_here:
-            ray.shutdown()
-        if self.temp_dir:
-            if exc_type is None or issubclass(exc_type, (KeyboardInterrupt, UserError)):
-                shutil.rmtree(self.temp_dir, ignore_errors=True)
-            else:
-                log.warning("Ray logs of this run are in %s", self.temp_dir)
-        return False
-
-
 class EvaluatorPool:
     """``n`` evaluator actors; ``run`` evaluates candidates with ``in_flight`` per actor and one retry."""
 
     def __init__(self, spec: dict, n: int, num_cpus: float, num_gpus: float, in_flight: int,
-                 inject: Optional[str], say: Callable[[str], None]):
+                 say: Callable[[str], None], evaluator_cls: type = Evaluator):
         self.spec = spec
         self.n = n
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
         self.in_flight = in_flight
-        self.inject = inject
         self.say = say
-        self.actors: list = []
+        self.evaluator_cls = evaluator_cls
+        self.pool: Optional[WorkPool] = None
         self.names: list[str] = []
         self.infos: list[dict] = []
         self.restarts = 0
+        self._submitted: dict[str, float] = {}  # candidate id -> when it was last handed to an actor
 
     def _new_actor(self, name: str):
         import ray
 
-        from evolve.evaluator import Evaluator
+        cls = ray.remote(self.evaluator_cls)
+        return cls.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus,
+                           max_concurrency=self.in_flight + 1).remote(self.spec, name)
 
-        cls = ray.remote(Evaluator)
-        return cls.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_concurrency=self.in_flight + 1,
-                           name=None).remote(self.spec, name, self.inject)
+    def _submit(self, actor, c: Candidate):
+        self._submitted[c.id] = time.time()
+        return actor.evaluate.remote(c.id, c.recipe)
 
     def start(self) -> None:
         import ray
 
         self.names = [f"eval-{i}" for i in range(self.n)]
-        self.actors = [self._new_actor(name) for name in self.names]
-        refs = [a.setup.remote() for a in self.actors]
+        self.pool = WorkPool([self._new_actor(name) for name in self.names], self._submit, slots=self.in_flight)
+        refs = [a.setup.remote() for a in self.pool.actors]
         try:
             self.infos = ray.get(refs, timeout=float(os.environ.get("RAY_MERGE_EVOLVE_SETUP_TIMEOUT", 900)))
         except ray.exceptions.GetTimeoutError:
@@ -158,84 +115,68 @@ class EvaluatorPool:
         except Exception as e:  # noqa: BLE001 - a setup error: one line, no traceback
             raise UserError(f"an evaluator failed to start: {format_exception(e)}", source=self.spec["source"])
 
-    def _replace(self, i: int) -> None:
+    def _replace(self, i: int) -> list[Candidate]:
+        """A new actor in place of dead actor ``i``; returns the candidates the dead one still held."""
         import ray
 
         self.restarts += 1
         name = f"{self.names[i].split('~')[0]}~{self.restarts}"
         self.say(f"evaluator {self.names[i]} died; starting {name}")
         try:
-            ray.kill(self.actors[i])
+            ray.kill(self.pool.actors[i])
         except Exception:  # noqa: BLE001
             pass
         self.names[i] = name
-        self.actors[i] = self._new_actor(name)
+        actor = self._new_actor(name)
+        lost = self.pool.replace(i, actor)
         try:
-            self.infos[i] = ray.get(self.actors[i].setup.remote())
+            self.infos[i] = ray.get(actor.setup.remote())
         except Exception as e:  # noqa: BLE001
             raise UserError(f"a replacement evaluator failed to start: {format_exception(e)}",
                             source=self.spec["source"])
+        return lost
 
     def run(self, cands: list[Candidate], on_done: Callable[[Candidate, Optional[dict], Optional[str]], None]):
         """Evaluate ``cands``; ``on_done(candidate, result or None, error or None)`` as each finishes."""
-        import ray
+        queue = list(cands)
 
-        queue = deque(cands)
-        inflight: dict = {}  # ref -> (candidate, actor index)
-        load = [0] * len(self.actors)
-        t_submit: dict[str, float] = {}
-
-        def pick(c: Candidate) -> Optional[int]:
-            free = [i for i in range(len(self.actors)) if load[i] < self.in_flight]
-            allowed = [i for i in free if self.names[i] not in c.excluded] if len(self.actors) > 1 else free
-            if not allowed:
+        def next_item(i: int) -> Optional[Candidate]:
+            # The pool fills one actor after the other: an actor takes no more than its share of what is in
+            # flight and queued, so a short queue is spread over the actors.
+            live = self.pool.live()
+            share = math.ceil((sum(self.pool.load(j) for j in live) + len(queue)) / len(live))
+            if self.pool.load(i) >= share:
                 return None
-            return min(allowed, key=lambda i: (load[i], i))
+            for c in queue:  # a retried candidate goes to another actor than the one it failed on
+                if len(self.names) == 1 or self.names[i] not in c.excluded:
+                    queue.remove(c)
+                    return c
+            return None
 
-        while queue or inflight:
-            for _ in range(len(queue)):
-                c = queue.popleft()
-                i = pick(c)
-                if i is None:
-                    queue.append(c)
-                    continue
-                ref = self.actors[i].evaluate.remote(c.id, c.recipe, len(c.attempts) + 1)
-                inflight[ref] = (c, i)
-                load[i] += 1
-                t_submit[c.id] = time.time()
-            if not inflight:
-                continue
-            done, _ = ray.wait(list(inflight), num_returns=1)
-            ref = done[0]
-            c, i = inflight.pop(ref)
-            load[i] -= 1
-            worker = self.names[i]
-            try:
-                res = ray.get(ref)
-            except ray.exceptions.RayActorError as e:
-                err = f"evaluator {worker} died: {format_exception(e)}"
-                # everything in flight on that actor is lost with it: requeue it too
-                lost = [(r, ci) for r, (ci, ai) in inflight.items() if ai == i]
-                for r, ci in lost:
-                    inflight.pop(r)
-                    queue.appendleft(ci)
-                load[i] = 0
-                self._replace(i)
-                self._failed(c, worker, err, queue, on_done)
-                continue
-            except Exception as e:  # noqa: BLE001 - a RayTaskError: the evaluation raised
-                self._failed(c, worker, format_exception(e), queue, on_done)
-                continue
-            res["timings"]["queue_s"] = res["timings"]["start"] - t_submit[c.id]
-            c.attempts.append({"worker": worker, "error": None, **res["timings"]})
-            on_done(c, res, None)
+        died = ""
+        for out in self.pool.outcomes(next_item):
+            worker = self.names[out.actor]
+            if out.kind == "result":
+                c, res = out.item, out.value
+                res["timings"]["queue_s"] = res["timings"]["start"] - self._submitted[c.id]
+                c.attempts.append({"worker": worker, "error": None, **res["timings"]})
+                on_done(c, res, None)
+            elif out.kind == "error":  # the evaluation raised
+                self._failed(out.item, worker, format_exception(out.error), queue, on_done)
+            elif out.kind == "died":  # reported for one of the candidates the actor held; the pool drops the others
+                died = f"evaluator {worker} died: {format_exception(out.error)}"
+                self._failed(out.item, worker, died, queue, on_done)
+            elif out.kind == "actor_gone":
+                # which of its candidates killed it is unknown: each one it held counts the failed attempt
+                for c in self._replace(out.actor):
+                    self._failed(c, worker, died, queue, on_done)
 
-    def _failed(self, c: Candidate, worker: str, err: str, queue: deque, on_done) -> None:
+    def _failed(self, c: Candidate, worker: str, err: str, queue: list, on_done) -> None:
         c.attempts.append({"worker": worker, "error": err})
         c.excluded.add(worker)
         if len(c.attempts) < 2:
             self.say(f"candidate {c.id} failed on {worker} ({err}); retrying on another evaluator")
-            queue.appendleft(c)
+            queue.insert(0, c)
         else:
             self.say(f"candidate {c.id} failed twice; recorded as failed ({err})")
             on_done(c, None, err)
@@ -244,14 +185,14 @@ class EvaluatorPool:
         import ray
 
         try:
-            return ray.get([a.stats.remote() for a in self.actors], timeout=30)
+            return ray.get([a.stats.remote() for a in self.pool.actors], timeout=30)
         except Exception:  # noqa: BLE001
             return []
 
     def close(self) -> None:
         import ray
 
-        for a in self.actors:
+        for a in self.pool.actors if self.pool else []:
             try:
                 ray.get(a.close.remote(), timeout=30)
             except Exception:  # noqa: BLE001
@@ -276,35 +217,16 @@ def _cluster_workers(ev, workers: Optional[int]) -> tuple[int, float, float]:
 
 
 # --------------------------------------------------------------------------------------------------------
-# CMA-ES
+# the generation loop
 # --------------------------------------------------------------------------------------------------------
-def new_es(genome: Genome, cfg: EvolveConfig, opts: RunOptions):
-    import cma
-
-    s = cfg.search
-    seed = opts.seed if opts.seed is not None else s.seed
-    x0 = genome.initial(np.random.default_rng(seed) if s.random_init else None)
-    cma_opts = {"bounds": [0.0, 1.0], "seed": (seed % (2**31 - 2)) + 1, "verbose": -9}
-    popsize = opts.popsize or s.popsize
-    if popsize:
-        cma_opts["popsize"] = popsize
-    cma_opts.update(s.cma_options)
-    np.random.seed(cma_opts["seed"])
-    random.seed(seed)
-    sigma0 = opts.sigma0 or s.sigma0
-    try:
-        es = cma.CMAEvolutionStrategy(list(x0), sigma0, cma_opts)
-    except Exception as e:  # noqa: BLE001 - bad cma_options
-        raise UserError(f"cma rejected the options: {format_exception(e)}", source=cfg.source, key="search")
-    return es
-
-
 def _ids(generation: int, n: int) -> list[str]:
     return [f"g{generation:03d}-{i:02d}" for i in range(n)]
 
 
-def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions) -> dict:
-    """Run (or resume) the search. Returns the summary dict the report prints."""
+def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions, evaluator_cls: type = Evaluator) -> dict:
+    """Run (or resume) the search. Returns the summary dict the report prints.
+
+    ``evaluator_cls``: the evaluator actor's class (``Evaluator``, or a subclass of it)."""
     storage = Storage(storage_path)
     storage.start(cfg, resume=opts.resume)
     genome = Genome.from_config(cfg.genome, cfg.source)
@@ -317,39 +239,30 @@ def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions) -> dict:
 
     # The first recipe is planned here: a recipe the planner rejects fails now, with one line.
     first_recipe = genome.to_recipe(genome.initial())
-    from ray_merge.planner.plan import plan_recipe
-    from ray_merge.recipe.load import recipe_from_dict
-
     plan_recipe(recipe_from_dict(first_recipe, source=f"{cfg.source} (genome -> recipe)"), seed=cfg.seed)
 
     history = storage.read_history() if opts.resume else []
     done_by_id = {r["id"]: r for r in history}
     state = storage.load_checkpoint() if opts.resume else None
     if state is None:
-        es = new_es(genome, cfg, opts)
+        searcher = Searcher.start(genome, cfg.search, cfg.source, seed=opts.seed, popsize=opts.popsize,
+                                  sigma0=opts.sigma0)
         generation = 0
         population = None
     else:
-        es = state["es"]
+        searcher = Searcher.restore(state)
         generation = state["generation"]
         population = [np.asarray(x) for x in state["population"]] if state.get("population") is not None else None
-        np.random.set_state(state["numpy_rng"])
-        random.setstate(state["python_rng"])
         say(f"resuming at generation {generation}: {len(history)} evaluation(s) in the history")
 
     def checkpoint(pop, ids):
-        storage.save_checkpoint({"es": es, "generation": generation,
+        storage.save_checkpoint({**searcher.state(), "generation": generation,
                                  "population": [list(map(float, x)) for x in pop] if pop is not None else None,
-                                 "ids": ids, "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
-                                 "fevals": len(done_by_id), "session": session})
-
-    def ask():
-        pop = [np.clip(np.asarray(x, dtype=float), 0.0, 1.0) for x in es.ask()]
-        return pop
+                                 "ids": ids, "fevals": len(done_by_id), "session": session})
 
     unsaved = False  # a new generation is checkpointed once the evaluators are up (a failed start leaves none)
-    if population is None and len(done_by_id) < max_fevals and not es.stop():
-        population = ask()
+    if population is None and len(done_by_id) < max_fevals and not searcher.stop():
+        population = searcher.ask()
         unsaved = True
 
     best = None
@@ -360,8 +273,7 @@ def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions) -> dict:
     ev = cfg.evaluation
     spec = {"evaluation": {**ev.__dict__}, "tasks": [t.__dict__ for t in cfg.tasks], "seed": cfg.seed,
             "first_recipe": first_recipe, "source": cfg.source}
-    inject = os.environ.get(INJECT_ENV)
-    local_cpus = max(os.cpu_count() or 1, math.ceil((opts.workers or ev.workers or 1) * ev.num_cpus))
+    ray_spec = WorkerSpec(workers=opts.workers or ev.workers, address=opts.address, cpus=ev.num_cpus)
     t_start = time.time()
     summary: dict = {}
     pool = None
@@ -370,11 +282,11 @@ def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions) -> dict:
         say(f"nothing left to evaluate in {storage.path}: {len(done_by_id)} evaluation(s) done (raise "
             "--max-fevals to continue the search)")
     else:
-        with RaySession(opts.address, opts.verbose, local_cpus):
+        with ray_session(ray_spec, opts.verbose):
             n, cpus, gpus = _cluster_workers(ev, opts.workers or ev.workers)
             say(f"{genome.describe()}\nstarting {n} evaluator(s) ({ev.backend} backend, {cpus:g} CPU / "
                 f"{gpus:g} GPU each, {ev.in_flight} candidates in flight each)")
-            pool = EvaluatorPool(spec, n, cpus, gpus, ev.in_flight, inject, say)
+            pool = EvaluatorPool(spec, n, cpus, gpus, ev.in_flight, say, evaluator_cls)
             try:
                 pool.start()
                 say(f"evaluators ready in {max(i['setup_s'] for i in pool.infos):.1f}s")
@@ -422,20 +334,20 @@ def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions) -> dict:
                                         source=cfg.source)
                     worst = max([r["fitness"] for r in done_by_id.values() if r["status"] == "ok"])
                     fitness = [r["fitness"] if r["status"] == "ok" else worst + 1.0 for r in recs]
-                    es.tell([list(x) for x in population], fitness)
+                    searcher.tell(population, fitness)
                     scores = [r["score"] for r in ok]
                     top = max(scores, default=float("nan"))
                     say(f"generation {generation}: {len(ok)}/{len(recs)} ok, best {top:.4f}"
                         f" mean {np.mean(scores) if scores else float('nan'):.4f}; best so far {best['score']:.4f} "
                         f"({best['id']}); {len(done_by_id)}/{max_fevals} evaluations; {time.time() - t_gen:.1f}s")
                     generation += 1
-                    stop = es.stop()
+                    stop = searcher.stop()
                     if len(done_by_id) >= max_fevals or stop:
                         population = None
                         summary["stop_reason"] = ("max_fevals" if len(done_by_id) >= max_fevals
                                                   else ", ".join(f"{k}" for k in stop))
                     else:
-                        population = ask()
+                        population = searcher.ask()
                     checkpoint(population, _ids(generation, len(population)) if population is not None else None)
                 summary["worker_stats"] = pool.stats()
                 summary["workers"] = pool.infos
@@ -446,8 +358,6 @@ def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions) -> dict:
     summary["session_s"] = time.time() - t_start
     summary["session"] = session
     if opts.report:
-        from evolve.report import write_report
-
         text = write_report(storage, genome, cfg, summary)
         if not opts.quiet:
             print(text)

@@ -20,6 +20,7 @@ import pickle
 import tempfile
 from typing import Any, Optional
 
+import numpy as np
 import yaml
 
 from ray_merge.errors import UserError
@@ -178,13 +179,8 @@ class Storage:
 
 
 def _json_default(o: Any):
-    try:
-        import numpy as np
-
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")

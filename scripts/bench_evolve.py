@@ -87,13 +87,12 @@ def main(argv=None) -> int:
     p.add_argument("--in-flight", default="1,2", help="comma-separated in_flight settings to run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", choices=("hf", "vllm"), default="hf",
-                   help="vllm: needs $RAY_MERGE_VLLM_PYTHON (see evolve/vllm_backend.py)")
+                   help="vllm: needs $RAY_MERGE_VLLM_PYTHON (see evolve/backends/vllm.py)")
     args = p.parse_args(argv)
 
     models = args.models
     if models is None:
-        sys.path.insert(0, str(REPO / "scripts"))
-        from make_demo_models import DEFAULT_OUT, ensure_demo_models
+        from evolve.demo_models import DEFAULT_OUT, ensure_demo_models
 
         models = ensure_demo_models(os.environ.get("RAY_MERGE_DEMO_MODELS") or DEFAULT_OUT, seed=0,
                                     log=lambda *a: None)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Check evolve's vLLM backend against its HF backend: the same models must score the same.
 
-Both backends are built the way an evaluator builds them (evolve.evaluator / evolve.vllm_backend): the
+Both backends are built the way an evaluator builds them (evolve.evaluator / evolve.backends): the
 input models' tensors resident, each model built in memory by ray-merge's executor. The HF backend swaps
 weights with ``load_state_dict``; the vLLM backend loads the first model once in a vLLM engine running in
 vLLM's own venv and swaps every later one in place. Scored on the demo tasks (greedy generation, exact
@@ -60,13 +60,13 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(2)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    from evolve.evaluator import CandidateBuilder, HFBackend
-    from evolve.vllm_backend import VLLMBackend
+    from evolve.backends.hf import HFBackend
+    from evolve.backends.vllm import VLLMBackend
+    from evolve.evaluator import CandidateBuilder
 
     models = args.models
     if models is None:
-        sys.path.insert(0, str(REPO / "scripts"))
-        from make_demo_models import DEFAULT_OUT, ensure_demo_models
+        from evolve.demo_models import DEFAULT_OUT, ensure_demo_models
 
         models = ensure_demo_models(os.environ.get("RAY_MERGE_DEMO_MODELS") or DEFAULT_OUT, seed=0,
                                     log=lambda *a: None)

@@ -8,29 +8,14 @@ evolve tests use -- then scores them with lm-eval on the held-out demo tasks.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location(
-        "make_demo_models", REPO_ROOT / "scripts" / "make_demo_models.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_demo_models", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-mdm = _load_script()
+from evolve import demo_models as mdm
 
 
 def test_task_data_files_match_the_generator():
@@ -75,8 +60,6 @@ def test_finetunes_beat_base_on_their_own_skill(demo_models):
     import lm_eval  # noqa: F401
     import torch
 
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: more threads only help when the cores are idle
     try:

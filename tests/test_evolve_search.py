@@ -1,11 +1,13 @@
 """Evolutionary search end to end on the CPU demo models: Ray evaluators, lm-eval, storage, resume, failures.
 
-The demo models (scripts/make_demo_models.py) are built once into $RAY_MERGE_DEMO_MODELS, or demo_models/
+The demo models (evolve/demo_models.py) are built once into $RAY_MERGE_DEMO_MODELS, or demo_models/
 in the repository (a few CPU minutes the first time, then reused).
+
+Failures are injected by a subclass of the evaluator actor, defined in a small driver script that the tests
+write and run (``run_search(..., evaluator_cls=FaultyEvaluator)``).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -29,12 +31,11 @@ pytestmark = pytest.mark.slow
 def demo_models() -> Path:
     import cma  # noqa: F401
     import lm_eval  # noqa: F401
-    spec = importlib.util.spec_from_file_location("make_demo_models", REPO / "scripts" / "make_demo_models.py")
-    mdm = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_demo_models", mdm)
-    spec.loader.exec_module(mdm)
-    out = Path(os.environ.get("RAY_MERGE_DEMO_MODELS") or mdm.DEFAULT_OUT)
-    return mdm.ensure_demo_models(out, seed=0, log=lambda *_: None)
+
+    from evolve.demo_models import DEFAULT_OUT, ensure_demo_models
+
+    out = Path(os.environ.get("RAY_MERGE_DEMO_MODELS") or DEFAULT_OUT)
+    return ensure_demo_models(out, seed=0, log=lambda *_: None)
 
 
 def write_config(path: Path, models: Path, **search) -> Path:
@@ -63,15 +64,65 @@ def history(store: Path) -> list[dict]:
     return [json.loads(line) for line in (store / "history.jsonl").read_text().splitlines()]
 
 
+# `python DRIVER CONFIG STORAGE [KEY=VALUE ...]`: the search as `ray-merge evolve CONFIG --storage-path STORAGE
+# --set KEY=VALUE ...` runs it, with an evaluator that fails as FAILURES says. Ray ships the evaluator class
+# to the actors by value (it is defined in __main__).
+DRIVER = """
+import os
+import sys
+import time
+
+from evolve.config import load_config
+from evolve.evaluator import Evaluator
+from evolve.search import RunOptions, run_search
+
+FAILURES = {failures!r}  # candidate id -> (attempts that fail, how: raise, exit or hang)
+ATTEMPTS = {attempts!r}  # one file per attempt at a candidate of FAILURES: shared by every evaluator
+
+
+class InjectedFailure(RuntimeError):
+    pass
+
+
+class FaultyEvaluator(Evaluator):
+    def evaluate(self, cid, recipe):
+        if cid in FAILURES:
+            attempt = sum(name.startswith(cid + ".") for name in os.listdir(ATTEMPTS)) + 1
+            open(os.path.join(ATTEMPTS, f"{{cid}}.{{attempt}}"), "w").close()
+            n_fail, how = FAILURES[cid]
+            if attempt <= n_fail:
+                if how == "exit":  # the evaluator process dies
+                    os._exit(3)
+                if how == "hang":  # until killed
+                    time.sleep(3600)
+                raise InjectedFailure(f"injected failure of {{cid}} (attempt {{attempt}}) on {{self.worker}}")
+        return super().evaluate(cid, recipe)
+
+
+if __name__ == "__main__":
+    cfg = load_config(sys.argv[1], sys.argv[3:])
+    run_search(cfg, sys.argv[2], RunOptions(), evaluator_cls=FaultyEvaluator)
+"""
+
+
+def faulty_search(tmp: Path, cfg: Path, store: Path, failures: dict, *overrides: str) -> list[str]:
+    """The command line that runs the search with ``failures`` injected (see DRIVER)."""
+    attempts = tmp / "attempts"
+    attempts.mkdir()
+    driver = tmp / "faulty_search.py"
+    driver.write_text(DRIVER.format(failures=failures, attempts=str(attempts)))
+    return [sys.executable, str(driver), str(cfg), str(store), *overrides]
+
+
 @pytest.fixture(scope="module")
 def search_with_failures(demo_models, tmp_path_factory):
     """A short search in which g000-01 fails once, g000-02 fails twice, and g001-00 kills its evaluator."""
     tmp = tmp_path_factory.mktemp("evsearch")
     cfg = write_config(tmp / "search.yml", demo_models)
     store = tmp / "store"
-    inject = "g000-01:1,g000-02:2,g001-00:1:exit"
-    proc = run_cli("evolve", cfg, "--storage-path", store, "--set", "evaluation.score_inputs=true",
-                   env=env(RAY_MERGE_EVOLVE_INJECT_FAILURE=inject), timeout=600)
+    failures = {"g000-01": (1, "raise"), "g000-02": (2, "raise"), "g001-00": (1, "exit")}
+    args = faulty_search(tmp, cfg, store, failures, "evaluation.score_inputs=true")
+    proc = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, **env()), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"store": store, "proc": proc, "cfg": cfg, "tmp": tmp}
 
@@ -142,10 +193,10 @@ def test_best_config_runs_unchanged_and_reproduces_the_in_memory_candidate(searc
 def test_kill_and_resume_loses_and_repeats_nothing(demo_models, tmp_path):
     cfg = write_config(tmp_path / "search.yml", demo_models)
     store = tmp_path / "store"
-    args = [sys.executable, "-m", "ray_merge.cli", "evolve", str(cfg), "--storage-path", str(store)]
     # g001-02 hangs: the search is killed while generation 1 has 3 of its 4 candidates in the history
+    args = faulty_search(tmp_path, cfg, store, {"g001-02": (1, "hang")})
     ray_tmp = tempfile.mkdtemp(prefix="rmk", dir="/tmp")  # the killed Ray instance's files (short: socket paths)
-    full_env = dict(os.environ, **env(RAY_MERGE_EVOLVE_INJECT_FAILURE="g001-02:1:hang", RAY_TMPDIR=ray_tmp))
+    full_env = dict(os.environ, **env(RAY_TMPDIR=ray_tmp))
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(args, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     hist = store / "history.jsonl"

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_vllm_backend_swaps_weights_in_place_and_scores_like_hf(demo_models, tmp_path):  # noqa: F811
-    from evolve.vllm_backend import vllm_python
+    from evolve.backends.vllm import vllm_python
 
     try:
         vllm_python()
@@ -23,8 +23,9 @@ def test_vllm_backend_swaps_weights_in_place_and_scores_like_hf(demo_models, tmp
         pytest.fail(str(e))
     import torch
 
-    from evolve.evaluator import CandidateBuilder, HFBackend
-    from evolve.vllm_backend import VLLMBackend
+    from evolve.backends.hf import HFBackend
+    from evolve.backends.vllm import VLLMBackend
+    from evolve.evaluator import CandidateBuilder
 
     torch.set_num_threads(2)
     tasks = [{"name": "demo_arith", "metric": "exact_match,none", "weight": 1.0},

