@@ -16,7 +16,7 @@ from conftest import write_recipe
 
 from ray_merge.engine import make_plan, run_merge
 from ray_merge.errors import UserError
-from ray_merge.execute.ray.actor import TEST_DELAY_ENV
+from ray_merge.execute.ray.actor import MergeWorker
 from ray_merge.execute.ray.driver import RayExecutor
 from ray_merge.options import MergeOptions, WorkerSpec
 from ray_merge.output.staging import JOURNAL, MANIFEST
@@ -52,6 +52,28 @@ dtype: float32
 """
 
 TIES = DARE_TIES.replace("dare_ties", "ties")
+
+
+class SlowWorker(MergeWorker):
+    """A merge worker that sleeps before each shard: time to kill it (or its driver) while it is busy."""
+
+    delay = 0.3
+
+    def run_shard(self, index: int) -> dict:
+        time.sleep(self.delay)
+        return super().run_shard(index)
+
+
+class KillingExecutor(RayExecutor):
+    """Slow workers, and ``on_result(executor, result)`` called on the driver after each shard's result."""
+
+    def __init__(self, spec: WorkerSpec, on_result):
+        super().__init__(spec, worker_cls=SlowWorker)
+        self.on_result = on_result
+
+    def _record(self, slot, out: dict) -> None:
+        super()._record(slot, out)
+        self.on_result(self, out)
 
 
 def recipe_file(tmp_path, models_dir, text, name="r.yml"):
@@ -156,8 +178,11 @@ def cluster():
     if "ray" not in sys.modules:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback node addresses; read when ray is imported
     import ray
+    from ray import cloudpickle
     from ray._private import ray_constants
     from ray.cluster_utils import Cluster
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # SlowWorker: Ray's workers cannot import us
 
     if ray.is_initialized():
         ray.shutdown()
@@ -240,7 +265,8 @@ def test_worker_killed_mid_merge(cluster, linear_ref, tmp_path, restart):
     def kill_a_busy_worker(ex, result):
         if killed.get("landed"):
             return
-        for ref, (slot, idx) in list(ex.inflight.items()):
+        for ref, f in list(ex.pool._inflight.items()):
+            slot, idx = ex.slots[f.actor], f.item
             finished, _ = ray.wait([ref], timeout=0)
             if slot.rank == result["worker"] or finished:
                 continue
@@ -262,7 +288,7 @@ def test_worker_killed_mid_merge(cluster, linear_ref, tmp_path, restart):
             # (A worker killed for good fails its next shard if it had finished this one.)
             return
 
-    ex = RayExecutor(WorkerSpec(workers=3, shard_delay=0.3), after_result=kill_a_busy_worker)
+    ex = KillingExecutor(WorkerSpec(workers=3), kill_a_busy_worker)
     merge(recipe, tmp_path / "out", ex)
     assert killed.get("landed"), "no kill landed while a worker was busy"
     assert_same_output(ref, tmp_path / "out")
@@ -350,6 +376,27 @@ def _stop(procs, timeout=10.0):
             pass
 
 
+# The first driver: `ray-merge run RECIPE OUT --workers 2 --out-shard-size SHARD --quiet`, with workers that
+# take half a second a shard (time to kill the driver mid-merge).
+SLOW_DRIVER = """
+import sys, time
+from ray_merge.engine import run_merge
+from ray_merge.execute.ray.actor import MergeWorker
+from ray_merge.execute.ray.driver import RayExecutor
+from ray_merge.options import MergeOptions, WorkerSpec
+from ray_merge.recipe.load import load_recipe
+
+class SlowWorker(MergeWorker):
+    def run_shard(self, index):
+        time.sleep(0.5)
+        return super().run_shard(index)
+
+recipe, out, shard = sys.argv[1], sys.argv[2], int(sys.argv[3])
+run_merge(load_recipe(recipe), out, MergeOptions(out_shard_bytes=shard, quiet=True),
+          executor=RayExecutor(WorkerSpec(workers=2), worker_cls=SlowWorker))
+"""
+
+
 @pytest.mark.slow
 def test_driver_killed_then_resume_with_workers(linear_ref, tmp_path):
     recipe, ref = linear_ref
@@ -357,11 +404,12 @@ def test_driver_killed_then_resume_with_workers(linear_ref, tmp_path):
     out = tmp_path / "out"
     stage = f"{out}.ray-merge-partial"
     journal = os.path.join(stage, JOURNAL)
-    env = {**os.environ, "RAY_TMPDIR": raytmp, TEST_DELAY_ENV: "0.5"}
+    env = {**os.environ, "RAY_TMPDIR": raytmp}
     cmd = [sys.executable, "-m", "ray_merge.cli", "run", recipe, str(out), "--workers", "2",
            "--out-shard-size", str(SHARD), "--quiet"]
     log = open(tmp_path / "first.log", "w")
-    driver = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    driver = subprocess.Popen([sys.executable, "-c", SLOW_DRIVER, recipe, str(out), str(SHARD)], env=env,
+                              stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 180
         while time.time() < deadline and driver.poll() is None:
@@ -383,7 +431,6 @@ def test_driver_killed_then_resume_with_workers(linear_ref, tmp_path):
         while _ray_processes(raytmp) and time.time() < deadline:
             time.sleep(0.5)
 
-        env[TEST_DELAY_ENV] = "0"
         res = subprocess.run(cmd + ["--resume", "-v"], env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr
         assert_same_output(ref, out)

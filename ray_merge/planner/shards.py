@@ -3,6 +3,7 @@ worker's memory budget (largest first).
 """
 from __future__ import annotations
 
+import collections
 import pickle
 from dataclasses import dataclass, field
 from typing import Optional
@@ -72,6 +73,66 @@ def assign_shards(plan: Plan, shards: list[Shard], budgets: list[Optional[int]])
     for w in loads:
         w.shards.sort()
     return loads
+
+
+class ShardQueue:
+    """Which shard each worker does next, as the merge goes: the shards of a worker that died first (the
+    first of them within the worker's budget), then the worker's own shards from :func:`assign_shards`,
+    then, once those are done, a shard taken from the end of the longest other queue (by cost) that fits
+    its budget.
+
+    ``budgets``: worker id -> memory budget (None: unlimited), for the workers that take part.
+    """
+
+    def __init__(self, plan: Plan, shards: list[Shard], budgets: dict[int, Optional[int]]):
+        workers = list(budgets)
+        loads = assign_shards(plan, shards, [budgets[w] for w in workers])
+        self.budgets = dict(budgets)
+        self.queues = {w: collections.deque(load.shards) for w, load in zip(workers, loads)}
+        self.orphans: collections.deque = collections.deque()
+        self.need = {s.index: shard_need(plan, s) for s in shards}
+        self.cost = {s.index: shard_cost(plan, s) for s in shards}
+
+    def fits(self, worker: int, index: int) -> bool:
+        budget = self.budgets[worker]
+        return budget is None or budget >= self.need[index]
+
+    def next_for(self, worker: int) -> Optional[int]:
+        """The shard ``worker`` should do now (removed from the queues); None: none it can take."""
+        for i, index in enumerate(self.orphans):
+            if self.fits(worker, index):
+                del self.orphans[i]
+                return index
+        own = self.queues[worker]
+        if own:
+            return own.popleft()
+        others = sorted((w for w, q in self.queues.items() if w != worker and q),
+                        key=lambda w: -sum(self.cost[i] for i in self.queues[w]))
+        for w in others:
+            q = self.queues[w]
+            for j in range(len(q) - 1, -1, -1):
+                if self.fits(worker, q[j]):
+                    index = q[j]
+                    del q[j]
+                    return index
+        return None
+
+    def requeue(self, index: int) -> None:
+        """A shard to redo (its worker died while on it): it goes before every other."""
+        self.orphans.appendleft(index)
+
+    def orphan(self, worker: int) -> list[int]:
+        """``worker`` is gone: its queued shards go to the others. Returns them."""
+        q = self.queues.get(worker)
+        shards = list(q or [])
+        self.orphans.extend(shards)
+        if q:
+            q.clear()
+        return shards
+
+    def pending(self) -> list[int]:
+        """Shards not handed out yet."""
+        return sorted([*self.orphans, *(i for q in self.queues.values() for i in q)])
 
 
 def format_assignment(plan: Plan, loads: list[WorkerLoad], shards: Optional[list[Shard]] = None) -> str:

@@ -54,7 +54,7 @@ from ray_merge.output.files import (
     write_tensor_file,
 )
 from ray_merge.output.staging import package_versions
-from ray_merge.planner.memory import default_memory_budget
+from ray_merge.planner.memory import memory_budget
 from ray_merge.tools.common import note
 
 log = logging.getLogger("ray_merge.lora")
@@ -80,7 +80,7 @@ class LoraOptions:
     svd: str = "auto"  # auto | full | lowrank
     device: str = "cpu"
     memory_budget: Optional[int] = None
-    ray: Optional[object] = None  # a ray_merge.distributed.WorkerSpec: decompose modules as Ray tasks
+    ray: Optional[object] = None  # a ray_merge.options.WorkerSpec: decompose modules as Ray tasks
     verbose: int = 0
     trust_remote_code: bool = False
     quiet: bool = False
@@ -476,7 +476,7 @@ def extract_lora(model: str, base_model: str, out_path: str, opts: LoraOptions) 
     for msg in plan.notes:
         note(msg, opts.quiet)
 
-    budget = opts.memory_budget or default_memory_budget()
+    budget = memory_budget(opts.memory_budget)
     methods = {j.module: choose_svd(j, opts, budget) for j in plan.jobs}
     out_dtype = _factor_dtype(ft_index, plan.jobs)
 

@@ -272,7 +272,7 @@ def run_multi(path: str, out_dir: str, options, *, out_path: Optional[str] = Non
               overrides: Optional[list[str]] = None, ray=None, verbose: int = 0) -> list[StageResult]:
     """Run every stage of a multi-recipe file; return what happened to each, in dependency order.
 
-    ``ray``: a ray_merge.distributed.WorkerSpec to run stages as Ray tasks (independent ones at
+    ``ray``: a ray_merge.options.WorkerSpec to run stages as Ray tasks (independent ones at
     once, one task per worker slot), or None to run them one after another here.
     """
     if ray is not None and ray.workers is not None and ray.workers < 1:
@@ -334,7 +334,7 @@ def _run_on_ray(todo: list[Stage], options, rebuild: dict, finished, spec, verbo
         stage_opts = replace(options, quiet=True, memory_budget=spec.memory or options.memory_budget)
         if not spec.remote and stage_opts.memory_budget is None:
             # stages on this machine share its memory
-            stage_opts = replace(stage_opts, memory_budget=max(1, default_memory_budget() // limit))
+            stage_opts = replace(stage_opts, memory_budget=max(1, default_memory_budget(limit)))
         task = ray.remote(run_stage).options(max_retries=0, **task_options(spec))
         while pending or running:
             for st in list(pending):

@@ -13,21 +13,12 @@ from typing import Optional
 import ray_merge.methods  # noqa: F401  (register every method before the baseline)
 from ray_merge.errors import UserError
 from ray_merge.execute.loaders import TensorLoader
-from ray_merge.execute.shards import write_shards
+from ray_merge.execute.shards import ATTEMPTS_DIR, write_shards
 from ray_merge.io.models import ModelRef, resolve_model_dir
-from ray_merge.output.staging import ATTEMPTS_DIR
-from ray_merge.planner.memory import GPU_MEMORY_FRACTION, rows_per_chunk
+from ray_merge.planner.memory import gpu_budget, rows_per_chunk
 from ray_merge.planner.plan import InputModel, Plan
 
 MAX_RESTARTS = 2  # Ray restarts a crashed worker actor this many times
-
-
-TEST_DELAY_ENV = "RAY_MERGE_TEST_SHARD_DELAY"  # tests: seconds each worker sleeps before a shard
-
-
-# ---------------------------------------------------------------------------------------------
-# Options
-# ---------------------------------------------------------------------------------------------
 
 
 class _ReleasingLoader(TensorLoader):
@@ -107,7 +98,7 @@ class MergeWorker:
     """One merge worker (a Ray actor): writes the shards the driver sends it."""
 
     def __init__(self, plan: Plan, stage: str, rank: int, device: str, budget: Optional[int],
-                 threads: int = 1, shard_delay: float = 0.0):
+                 threads: int = 1):
         import ray
         import torch
 
@@ -115,7 +106,6 @@ class MergeWorker:
         self.rank = rank
         self.stage = stage
         self.device = device
-        self.shard_delay = shard_delay
         self.problems: list[str] = []
         self.node_id = ray.get_runtime_context().get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
@@ -130,7 +120,7 @@ class MergeWorker:
                 self.gpu_total = torch.cuda.get_device_properties(0).total_memory
             else:
                 self.problems.append("was given a GPU by Ray but torch sees no CUDA device")
-        self.budget = budget if budget is not None else (int(self.gpu_total * GPU_MEMORY_FRACTION) or None)
+        self.budget = budget if budget is not None else gpu_budget(self.gpu_total)
         # warm up (allocator, thread pools), then take the baseline every peak is measured against
         x = torch.ones(1 << 16)
         float(x.sum())
@@ -180,8 +170,6 @@ class MergeWorker:
 
         t0 = time.time()
         shard = self.shards[index]
-        if self.shard_delay:
-            time.sleep(self.shard_delay)
         attempt = os.path.join(self.stage, ATTEMPTS_DIR, f"{index:05d}-{uuid.uuid4().hex[:8]}")
         os.makedirs(attempt)
         mem = PeakMemory()
@@ -208,7 +196,3 @@ class MergeWorker:
             "chunked_tensors": sum(1 for pt in tensors if rows_per_chunk(pt, self.budget) is not None),
         }
 
-
-# ---------------------------------------------------------------------------------------------
-# The executor (driver side)
-# ---------------------------------------------------------------------------------------------

@@ -16,31 +16,28 @@ Ray is imported lazily: importing this module (for the CLI flags) stays cheap.
 """
 from __future__ import annotations
 
-import collections
 import logging
 import math
 import os
 import pickle
-import shutil
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 from ray_merge.errors import UserError, one_line
 from ray_merge.execute.ray.actor import MAX_RESTARTS, MergeWorker
-from ray_merge.execute.ray.session import check_ray_address, join_ray_cluster
-from ray_merge.execute.shards import ShardResult
+from ray_merge.execute.ray.pool import WorkPool
+from ray_merge.execute.ray.session import RayConnection, check_ray_address
+from ray_merge.execute.shards import ATTEMPTS_DIR, ShardResult
 from ray_merge.options import MergeOptions, WorkerSpec
-from ray_merge.output.staging import ATTEMPTS_DIR
 from ray_merge.planner.memory import (
     check_memory,
     default_memory_budget,
+    node_worker_budget,
     planned_budgets,
 )
 from ray_merge.planner.plan import Plan, Shard
-from ray_merge.planner.shards import _ranges, assign_shards, shard_cost, shard_need
+from ray_merge.planner.shards import ShardQueue, _ranges
 from ray_merge.units import format_bytes
 
 log = logging.getLogger("ray_merge")
@@ -51,14 +48,13 @@ MAX_SHARD_ATTEMPTS = 3  # a shard whose worker died this many times fails the me
 
 @dataclass
 class _Slot:
-    """A worker as the driver sees it."""
+    """A worker as the driver sees it (``rank``: its index in ``RayExecutor.slots`` and in the pool)."""
 
     rank: int
     actor: object
     info: dict = field(default_factory=dict)
-    state: str = "starting"  # starting, idle, busy, probing (after a failure), dead
+    state: str = "starting"  # starting, started, dead (did not start)
     budget: Optional[int] = None
-    queue: collections.deque = field(default_factory=collections.deque)
     failures: int = 0
     stats: dict = field(default_factory=dict)
 
@@ -68,15 +64,15 @@ class RayExecutor:
 
     After a run: ``stats`` (per worker), ``shard_nodes`` (shard index -> node id),
     ``retries`` and ``manifest_extra()`` (what goes into the manifest).
-    ``after_result`` (tests) is called as ``after_result(self, result_dict)`` on the driver.
+    ``worker_cls``: the actor class (a subclass of :class:`MergeWorker`).
     """
 
-    def __init__(self, spec: WorkerSpec, *, verbose: int = 0,
-                 after_result: Optional[Callable[["RayExecutor", dict], None]] = None):
+    def __init__(self, spec: WorkerSpec, *, verbose: int = 0, worker_cls: type = MergeWorker):
         self.spec = spec
         self.verbose = verbose
-        self.after_result = after_result
+        self.worker_cls = worker_cls
         self.slots: list[_Slot] = []
+        self.pool: Optional[WorkPool] = None
         self.shard_nodes: dict[int, str] = {}
         self.shard_workers: dict[int, int] = {}
         self.retries: list[dict] = []
@@ -84,10 +80,7 @@ class RayExecutor:
         self.plan_bytes = 0
         self.address = None
         self.wall_s = 0.0
-        self.inflight: dict = {}  # ObjectRef -> (slot, shard index)
-        self._owns_ray = False
-        self._connected_here = False
-        self._temp_dir: Optional[str] = None
+        self._ray: Optional[RayConnection] = None
 
     # -- run_merge hooks ----------------------------------------------------------------------
     def preflight(self, plan: Plan, options: MergeOptions) -> None:
@@ -128,7 +121,7 @@ class RayExecutor:
         t0 = time.time()
         ok = False
         try:
-            self._connect(options)
+            self._connect()
             results = self._run(plan, shards, stage, options, on_shard, progress)
             ok = True
             return results
@@ -140,40 +133,10 @@ class RayExecutor:
             self._teardown(ok)
 
     # -- Ray ------------------------------------------------------------------------------------
-    def _connect(self, options: MergeOptions) -> None:
-        if not self.spec.remote and "ray" not in sys.modules:
-            # A local instance: advertise 127.0.0.1 (Ray's loopback mode, read when ray is imported) and use
-            # token authentication (Ray's default for a new local instance; set here, it comes without a warning).
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
-        import ray
-
-        quiet = dict(logging_level=logging.INFO if self.verbose >= 2 else logging.WARNING,
-                     log_to_driver=self.verbose >= 1)
-        if ray.is_initialized():
-            self.address = "(already connected)"
-            return
-        if self.spec.remote:
-            address = self.spec.address or "auto"
-            join_ray_cluster(address, **quiet)
-            self._connected_here = True
-            self.address = address
-            return
-        # A local Ray instance (advertised on 127.0.0.1, token-authenticated) with room for every worker.
-        n = self.spec.workers or 1
-        base = os.environ.get("RAY_TMPDIR") or "/tmp"  # short: Ray's socket paths are limited to ~107 chars
-        self._temp_dir = tempfile.mkdtemp(prefix="rm-", dir=base)
-        kw = dict(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(n * self.spec.cpus)),
-                  _node_ip_address="127.0.0.1", include_dashboard=False, _temp_dir=self._temp_dir,
-                  object_store_memory=128 * 2**20, **quiet)
-        if self.spec.resources:
-            kw["resources"] = {k: v * n for k, v in self.spec.resources.items()}
-        if self.spec.memory:
-            kw["_memory"] = n * self.spec.memory
-        ray.init(**kw)
-        self._owns_ray = True
-        self._connected_here = True
-        self.address = "local"
+    def _connect(self) -> None:
+        self._ray = RayConnection(self.spec, self.verbose, object_store_bytes=128 * 2**20)
+        self._ray.open()
+        self.address = self._ray.address
 
     def _teardown(self, ok: bool) -> None:
         import ray
@@ -183,13 +146,8 @@ class RayExecutor:
                 ray.kill(s.actor)
             except Exception:
                 pass
-        if self._connected_here:
-            ray.shutdown()
-        if self._temp_dir:
-            if ok:
-                shutil.rmtree(self._temp_dir, ignore_errors=True)
-            else:
-                log.warning("Ray logs of this run are in %s", self._temp_dir)
+        if self._ray is not None:
+            self._ray.close(ok)
 
     def _default_budget(self, options: MergeOptions, n: int) -> Optional[int]:
         if options.memory_budget:
@@ -198,15 +156,15 @@ class RayExecutor:
             return None  # each worker: its GPU's memory (--worker-memory only reserves host memory)
         if self.spec.memory:
             return self.spec.memory
-        if self._owns_ray:
-            return default_memory_budget() // n
+        if self._ray.local:
+            return default_memory_budget(n)
         import ray
 
         nodes = [nd for nd in ray.nodes() if nd.get("Alive") and self._fits(nd.get("Resources", {}))]
         if not nodes:
             return None
         per_node = math.ceil(n / len(nodes))
-        return int(min(nd["Resources"].get("memory", 0) for nd in nodes) * 0.8 / per_node) or None
+        return node_worker_budget(min(nd["Resources"].get("memory", 0) for nd in nodes), per_node)
 
     def _fits(self, resources: dict) -> bool:
         need = {"CPU": self.spec.cpus, "GPU": self.spec.gpus, **self.spec.resources}
@@ -246,7 +204,7 @@ class RayExecutor:
             opts["resources"] = dict(self.spec.resources)
         if self.spec.memory:
             opts["memory"] = self.spec.memory
-        if self._owns_ray:
+        if self._ray.local:
             have = ray.cluster_resources()
             for k, v in (("GPU", self.spec.gpus), *self.spec.resources.items()):
                 if v and have.get(k, 0) < n * v:
@@ -254,11 +212,10 @@ class RayExecutor:
         elif not any(self._fits(nd.get("Resources", {})) for nd in ray.nodes() if nd.get("Alive")):
             log.warning("no node of the cluster fits a merge worker (%s) yet; waiting up to %.0fs for the "
                         "autoscaler", self._describe_need(), self.spec.start_timeout)
-        remote_cls = ray.remote(MergeWorker)
+        remote_cls = ray.remote(self.worker_cls)
         self.plan_bytes = len(pickle.dumps(plan))
         threads = max(1, int(self.spec.cpus))
-        self.slots = [_Slot(rank, remote_cls.options(**opts).remote(plan, stage, rank, device, budget, threads,
-                                                                     self.spec.shard_delay))
+        self.slots = [_Slot(rank, remote_cls.options(**opts).remote(plan, stage, rank, device, budget, threads))
                       for rank in range(n)]
         pending = {s.actor.info.remote(): s for s in self.slots}
         ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=self.spec.start_timeout)
@@ -273,7 +230,7 @@ class RayExecutor:
                 continue
             for p in slot.info["problems"]:
                 problems.append(f"worker {slot.rank} on node {slot.info['node_ip']}: {p}")
-            slot.state = "idle"
+            slot.state = "started"
             slot.budget = slot.info["budget"]
         if problems:
             raise UserError("; ".join(problems))
@@ -281,7 +238,7 @@ class RayExecutor:
         for s in late:
             ray.kill(s.actor)
             s.state = "dead"
-        live = [s for s in self.slots if s.state == "idle"]
+        live = [s for s in self.slots if s.state == "started"]
         if not live:
             raise UserError(f"no merge worker started within {self.spec.start_timeout:.0f}s; each needs "
                             f"{self._describe_need()} and the cluster has "
@@ -300,116 +257,80 @@ class RayExecutor:
 
     def _run(self, plan: Plan, shards: list[Shard], stage: str, options: MergeOptions, on_shard,
              progress) -> list[ShardResult]:
-        import ray
-
+        """Hand out shards through a :class:`WorkPool` (one at a time per worker) in the order of a
+        :class:`ShardQueue`; redo the shard of a worker that died; journal each result as it arrives."""
         os.makedirs(os.path.join(stage, ATTEMPTS_DIR), exist_ok=True)
-        self.inflight = {}
         self._start_workers(plan, stage, options)
-        live = [s for s in self.slots if s.state == "idle"]
-        budgets = [s.budget for s in live]
-        known = [b for b in budgets if b is not None]
+        live = [s for s in self.slots if s.state == "started"]
+        known = [s.budget for s in live if s.budget is not None]
         if known:
             check_memory(plan, shards, max(known))
+        queue = ShardQueue(plan, shards, {s.rank: s.budget for s in live})
+        log.info("assignment: %s", "; ".join(f"worker {s.rank}: {len(queue.queues[s.rank])} shards" for s in live))
+        self.pool = pool = WorkPool([s.actor for s in self.slots], lambda actor, index: actor.run_shard.remote(index),
+                                    probe=lambda actor: actor.ping.remote())
+        for s in self.slots:
+            if s.state != "started":
+                pool.retire(s.rank)
         by_index = {s.index: s for s in shards}
-        for load, slot in zip(assign_shards(plan, shards, budgets), live):
-            slot.queue.extend(load.shards)
-        log.info("assignment: %s", "; ".join(f"worker {s.rank}: {len(s.queue)} shards" for s in live))
-        need = {s.index: shard_need(plan, s) for s in shards}
-        orphans: collections.deque = collections.deque()  # shards whose worker died
-        attempts: collections.Counter = collections.Counter()
+        attempts: dict[int, int] = {}
         done: dict[int, ShardResult] = {}
 
-        def fits(slot: _Slot, idx: int) -> bool:
-            return slot.budget is None or slot.budget >= need[idx]
-
-        def next_shard(slot: _Slot) -> Optional[int]:
-            for i, idx in enumerate(orphans):
-                if fits(slot, idx):
-                    del orphans[i]
-                    return idx
-            if slot.queue:
-                return slot.queue.popleft()
-            # steal from the end of the longest queue
-            others = sorted((o for o in self.slots if o is not slot and o.queue),
-                            key=lambda o: -sum(shard_cost(plan, by_index[i]) for i in o.queue))
-            for o in others:
-                for j in range(len(o.queue) - 1, -1, -1):
-                    if fits(slot, o.queue[j]):
-                        idx = o.queue[j]
-                        del o.queue[j]
-                        return idx
-            return None
-
-        probes: dict = {}  # ObjectRef of a ping -> slot
-        while len(done) < len(shards):
-            for slot in self.slots:
-                if slot.state == "idle":
-                    idx = next_shard(slot)
-                    if idx is not None:
-                        self.inflight[slot.actor.run_shard.remote(idx)] = (slot, idx)
-                        slot.state = "busy"
-            if not self.inflight and not probes:
-                left = sorted(set(by_index) - set(done))
-                if not any(s.state != "dead" for s in self.slots):
-                    raise RuntimeError(f"every merge worker died; {len(left)} shard(s) left undone "
-                                       f"(rerun with --resume to finish)")
-                raise UserError(f"no live worker has the memory budget for shard(s) {_ranges(left)}")
-            ready, _ = ray.wait(list(self.inflight) + list(probes), num_returns=1, timeout=1.0)
-            for ref in ready:
-                if ref in probes:
-                    slot = probes.pop(ref)
-                    try:
-                        ray.get(ref)
-                        slot.state = "idle"  # restarted by Ray
-                    except ray.exceptions.RayError:
-                        self._retire(slot, orphans)
-                    continue
-                slot, idx = self.inflight.pop(ref)
-                try:
-                    out = ray.get(ref)
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
-                        ray.exceptions.OutOfMemoryError, ray.exceptions.WorkerCrashedError) as e:
-                    attempts[idx] += 1
-                    slot.failures += 1
-                    slot.stats["failures"] = slot.failures
-                    self.retries.append({"shard": idx, "worker": slot.rank, "error": type(e).__name__})
-                    log.warning("worker %d died during shard %d (%s); redoing it elsewhere", slot.rank, idx,
-                                type(e).__name__)
-                    if attempts[idx] >= MAX_SHARD_ATTEMPTS:
-                        raise RuntimeError(f"shard {by_index[idx].filename} failed {attempts[idx]} times, its "
-                                           f"worker died each time (last: {one_line(e)}); rerun with --resume")
-                    if idx not in done:
-                        orphans.appendleft(idx)
-                    if slot.failures > MAX_RESTARTS:
-                        self._retire(slot, orphans)
-                    else:
-                        slot.state = "probing"  # Ray restarts it; a ping tells when (or that it is gone)
-                        probes[slot.actor.ping.remote()] = slot
-                    continue
-                except ray.exceptions.RayTaskError as e:
-                    cause = getattr(e, "cause", None)
-                    if isinstance(cause, (UserError, OSError)):
-                        raise cause
-                    raise RuntimeError(f"shard {by_index[idx].filename} failed on worker {slot.rank}: "
-                                       f"{one_line(e)}") from None
-                slot.state = "idle"
-                self.driver_bytes_received += len(pickle.dumps(out))
-                if idx in done:
-                    continue  # a duplicate (a retried shard that finished twice): same bytes
-                res = ShardResult(idx, out["filename"], out["checksum"], out["nbytes"], list(by_index[idx].tensors))
-                done[idx] = res
-                on_shard(res)  # journaled here, as each result arrives
-                self._record(slot, out)
-                if progress is not None:
-                    progress.update(by_index[idx].nbytes)
-                if self.after_result:
-                    self.after_result(self, out)
+        for o in pool.outcomes(queue.next_for):
+            slot = self.slots[o.actor]
+            if o.kind == "result":
+                self._take(slot, o.value, by_index, done, on_shard, progress)
+                if len(done) == len(shards):
+                    break
+            elif o.kind == "died":
+                idx = o.item
+                attempts[idx] = attempts.get(idx, 0) + 1
+                slot.failures += 1
+                slot.stats["failures"] = slot.failures
+                self.retries.append({"shard": idx, "worker": slot.rank, "error": type(o.error).__name__})
+                log.warning("worker %d died during shard %d (%s); redoing it elsewhere", slot.rank, idx,
+                            type(o.error).__name__)
+                if attempts[idx] >= MAX_SHARD_ATTEMPTS:
+                    raise RuntimeError(f"shard {by_index[idx].filename} failed {attempts[idx]} times, its "
+                                       f"worker died each time (last: {one_line(o.error)}); rerun with --resume")
+                if idx not in done:
+                    queue.requeue(idx)
+                if slot.failures > MAX_RESTARTS:
+                    pool.retire(slot.rank)
+                    self._gone(slot, queue)
+                # else the pool pings it: "actor_back" once Ray has restarted it, or "actor_gone"
+            elif o.kind == "actor_gone":
+                self._gone(slot, queue)
+            elif o.kind == "error":
+                cause = getattr(o.error, "cause", None)
+                if isinstance(cause, (UserError, OSError)):
+                    raise cause
+                raise RuntimeError(f"shard {by_index[o.item].filename} failed on worker {slot.rank}: "
+                                   f"{one_line(o.error)}") from None
+        if len(done) < len(shards):
+            left = sorted(set(by_index) - set(done))
+            if not pool.live():
+                raise RuntimeError(f"every merge worker died; {len(left)} shard(s) left undone "
+                                   f"(rerun with --resume to finish)")
+            raise UserError(f"no live worker has the memory budget for shard(s) {_ranges(left)}")
         return [done[s.index] for s in shards]
 
-    def _retire(self, slot: _Slot, orphans: collections.deque) -> None:
-        slot.state = "dead"
-        orphans.extend(slot.queue)
-        slot.queue.clear()
+    def _take(self, slot: _Slot, out: dict, by_index: dict, done: dict, on_shard, progress) -> None:
+        """A shard's result: journaled (``on_shard``) as it arrives; a duplicate (a retried shard that
+        finished twice, with the same bytes) is ignored."""
+        self.driver_bytes_received += len(pickle.dumps(out))
+        idx = out["index"]
+        if idx in done:
+            return
+        res = ShardResult(idx, out["filename"], out["checksum"], out["nbytes"], list(by_index[idx].tensors))
+        done[idx] = res
+        on_shard(res)
+        self._record(slot, out)
+        if progress is not None:
+            progress.update(by_index[idx].nbytes)
+
+    def _gone(self, slot: _Slot, queue: ShardQueue) -> None:
+        queue.orphan(slot.rank)
         log.warning("worker %d is gone; its shards go to the others", slot.rank)
 
     def _record(self, slot: _Slot, out: dict) -> None:

@@ -18,6 +18,10 @@ ACTOR_ERRORS_NAMES = ("RayActorError", "ActorDiedError", "ActorUnavailableError"
                       "WorkerCrashedError", "NodeDiedError")
 
 
+# How long a probe keeps asking an actor that Ray reports as restarting (ActorUnavailableError).
+RESTART_WAIT_S = 300.0
+
+
 def actor_died(e: BaseException) -> bool:
     """Whether ``e`` (from ``ray.get``) means the actor or its process died, not that the item raised."""
     return type(e).__name__ in ACTOR_ERRORS_NAMES
@@ -70,6 +74,7 @@ class WorkPool:
         self.state = ["ready"] * len(self.actors)  # ready | probing | gone
         self._inflight: dict[Any, _Inflight] = {}
         self._probes: dict[Any, int] = {}
+        self._restart_deadline: dict[int, float] = {}  # actor -> when a probe stops waiting for its restart
         self._timed_out: set = set()
 
     # -- the actors ------------------------------------------------------
@@ -99,6 +104,7 @@ class WorkPool:
         items = [self._inflight.pop(r).item for r in refs]
         for r in [r for r, i in self._probes.items() if i == index]:
             del self._probes[r]
+        self._restart_deadline.pop(index, None)
         return items
 
     # -- dispatching -----------------------------------------------------
@@ -149,11 +155,17 @@ class WorkPool:
             index = self._probes.pop(ref)
             try:
                 ray.get(ref)
-            except Exception:
+            except Exception as e:  # noqa: BLE001 - any failure but "still restarting" means gone
+                if type(e).__name__ == "ActorUnavailableError" and time.monotonic() < self._restart_deadline[index]:
+                    time.sleep(min(self.poll_s, 0.5))  # Ray is restarting it: ask again
+                    self._probes[self.probe(self.actors[index])] = index
+                    return
                 self.state[index] = "gone"
+                self._restart_deadline.pop(index, None)
                 yield Outcome("actor_gone", index)
                 return
             self.state[index] = "ready"
+            self._restart_deadline.pop(index, None)
             yield Outcome("actor_back", index)
             return
         f = self._inflight.pop(ref, None)
@@ -174,6 +186,7 @@ class WorkPool:
                     yield Outcome("actor_gone", f.actor)
                 else:  # Ray may restart it: a probe says when, or that it is gone
                     self.state[f.actor] = "probing"
+                    self._restart_deadline[f.actor] = time.monotonic() + RESTART_WAIT_S
                     self._probes[self.probe(self.actors[f.actor])] = f.actor
             return
         yield Outcome("result", f.actor, f.item, value=value, elapsed=elapsed)

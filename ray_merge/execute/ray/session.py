@@ -3,14 +3,19 @@ the Ray job we run in; plus small helpers for Ray tasks (resources, errors).
 """
 from __future__ import annotations
 
+import logging
+import math
 import os
 import shutil
 import socket
 import sys
+import tempfile
 from contextlib import contextmanager
 from typing import Callable, Iterable, Optional
 
 from ray_merge.errors import UserError
+
+log = logging.getLogger("ray_merge")
 
 
 def check_ray_address(address: Optional[str]) -> None:
@@ -37,46 +42,91 @@ def join_ray_cluster(address: str, **init_kwargs) -> None:
         raise UserError(f"cannot connect to the Ray cluster at {address}: {' '.join(str(e).split())[:300]}")
 
 
+class RayConnection:
+    """Ray for one run, by the one rule every command follows: join the cluster at ``spec.address`` (or, inside
+    a Ray job, that job's cluster), or start a local instance on 127.0.0.1 with room for ``spec.workers``
+    workers. A connection that is already up (a test's cluster, a caller's session) is used as it is and
+    left up; :meth:`close` shuts down only what :meth:`open` started.
+
+    After :meth:`open`: ``address`` ("local", the cluster's address, or "(already connected)") and
+    ``local`` (True when this connection started the local instance).
+    """
+
+    def __init__(self, spec, verbose: int = 0, object_store_bytes: int = 256 * 2**20):
+        self.spec = spec
+        self.verbose = verbose
+        self.object_store_bytes = object_store_bytes
+        self.address: Optional[str] = None
+        self.local = False
+        self.connected_here = False
+        self.temp_dir: Optional[str] = None
+
+    def open(self):
+        """Connect (or start Ray); returns the ``ray`` module."""
+        if not self.spec.remote and "ray" not in sys.modules:
+            # A local instance: advertise 127.0.0.1 (Ray's loopback mode, read when ray is imported) and use
+            # token authentication (Ray's default for a new local instance; set here, it comes without a warning).
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+        import ray
+
+        if ray.is_initialized():
+            self.address = "(already connected)"
+            return ray
+        quiet = dict(logging_level=logging.INFO if self.verbose >= 2 else logging.WARNING,
+                     log_to_driver=self.verbose >= 1)
+        if self.spec.remote:
+            address = self.spec.address or "auto"
+            join_ray_cluster(address, **quiet)
+            self.connected_here = True
+            self.address = address
+            return ray
+        n = self.spec.workers or 1
+        base = os.environ.get("RAY_TMPDIR") or "/tmp"  # short: Ray's socket paths are limited to ~107 chars
+        self.temp_dir = tempfile.mkdtemp(prefix="rm-", dir=base)
+        kw = dict(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(n * self.spec.cpus)),
+                  _node_ip_address="127.0.0.1", include_dashboard=False, _temp_dir=self.temp_dir,
+                  object_store_memory=self.object_store_bytes, **quiet)
+        if self.spec.resources:
+            kw["resources"] = {k: v * n for k, v in self.spec.resources.items()}
+        if self.spec.memory:
+            kw["_memory"] = n * self.spec.memory
+        ray.init(**kw)
+        self.connected_here = True
+        self.local = True
+        self.address = "local"
+        return ray
+
+    def close(self, ok: bool = True) -> None:
+        """Disconnect (a local instance stops). Its logs are kept, and named, unless the run went ``ok``."""
+        import ray
+
+        if self.connected_here:
+            ray.shutdown()
+            self.connected_here = False
+        if self.temp_dir:
+            if ok:
+                shutil.rmtree(self.temp_dir, ignore_errors=True)
+            else:
+                log.warning("Ray logs of this run are in %s", self.temp_dir)
+            self.temp_dir = None
+
+
 @contextmanager
 def ray_session(spec, verbose: int = 0, object_store_bytes: int = 256 * 2**20):
-    """Connect to Ray as the merge executor does (ray_merge.distributed): join the cluster at
-    ``spec.address`` (or the one of the Ray job we run in), or start a local instance on
-    127.0.0.1 with room for ``spec.workers`` tasks. A session that is already up is reused."""
-    import logging
-    import math
-    import tempfile
-
-    if not spec.remote and "ray" not in sys.modules:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-    import ray
-
-    if ray.is_initialized():
-        yield ray
-        return
-    quiet = dict(logging_level=logging.INFO if verbose >= 2 else logging.WARNING, log_to_driver=verbose >= 1)
-    temp_dir = None
-    if spec.remote:
-        join_ray_cluster(spec.address or "auto", **quiet)
-    else:
-        n = spec.workers or 1
-        temp_dir = tempfile.mkdtemp(prefix="rm-", dir=os.environ.get("RAY_TMPDIR") or "/tmp")
-        kw = dict(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(n * spec.cpus)),
-                  _node_ip_address="127.0.0.1", include_dashboard=False, _temp_dir=temp_dir,
-                  object_store_memory=object_store_bytes, **quiet)
-        if spec.resources:
-            kw["resources"] = {k: v * n for k, v in spec.resources.items()}
-        if spec.memory:
-            kw["_memory"] = n * spec.memory
-        ray.init(**kw)
+    """A :class:`RayConnection` for the length of a ``with`` block; yields the ``ray`` module. A UserError
+    or an interrupt counts as a clean end (Ray's logs would say nothing more)."""
+    conn = RayConnection(spec, verbose, object_store_bytes)
+    ray = conn.open()
     ok = False
     try:
         yield ray
         ok = True
+    except (UserError, KeyboardInterrupt):
+        ok = True
+        raise
     finally:
-        ray.shutdown()
-        if temp_dir and ok:
-            shutil.rmtree(temp_dir, ignore_errors=True)
+        conn.close(ok)
 
 
 def task_options(spec) -> dict:
