@@ -4,21 +4,34 @@
 built-in template (alpaca, chatml, llama3, mistral, exaone) or a literal Jinja
 template. Literal and built-in templates are checked at recipe load by rendering a
 sample conversation in a sandboxed Jinja environment, so a broken template fails
-before any tensor is read. The chosen template is written to ``chat_template.jinja``,
+before any tensor is read. A literal template is code from the recipe: it is rendered
+in a child process under CPU-time and memory limits, and its output is capped, so a
+loop that never ends or a string that grows to gigabytes is one error line. The chosen template is written to ``chat_template.jinja``,
 the file transformers reads first (it takes priority over the ``chat_template`` key of
 tokenizer_config.json, which we drop so the two can never disagree).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
 from collections import Counter
 from typing import Callable, Optional
 
 log = logging.getLogger("ray_merge")
 
 TEMPLATE_FILE = "chat_template.jinja"
+
+# Limits for rendering a recipe's template: CPU seconds and address space of the child
+# process that renders it, and the characters of the output or of any string or list
+# that ``*`` builds (a sample conversation renders to a few hundred).
+RENDER_CPU_SECONDS = 5
+RENDER_MEMORY_BYTES = 1 << 30
+MAX_RENDER_CHARS = 1 << 20
 
 # Our own templates for the common prompt formats. Whitespace is controlled with
 # ``{%-``/``-%}`` so they render the same with or without trim_blocks.
@@ -91,9 +104,32 @@ SAMPLE_CONVERSATION = [
 ]
 
 
+@functools.lru_cache(maxsize=1)
+def _bounded_environment_class():
+    from jinja2.exceptions import SecurityError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedSandboxedEnvironment(ImmutableSandboxedEnvironment):
+        """jinja2's immutable sandbox that also refuses ``*`` and ``**`` results too large to build."""
+
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_RENDER_CHARS:
+                        raise SecurityError(f"'*' would build a sequence of {len(seq) * n} items, more than "
+                                            f"{MAX_RENDER_CHARS}")
+            if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 \
+                    and right * abs(left).bit_length() > 4096:
+                raise SecurityError("'**' would build a number of more than 4096 bits")
+            return super().call_binop(context, operator, left, right)
+
+    return BoundedSandboxedEnvironment
+
+
 def _environment():
     import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -103,8 +139,8 @@ def _environment():
 
         return datetime.datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
+    env = _bounded_environment_class()(trim_blocks=True, lstrip_blocks=True,
+                                       extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, **_: json.dumps(
         x, indent=indent, ensure_ascii=ensure_ascii)
     env.globals["raise_exception"] = raise_exception
@@ -113,15 +149,29 @@ def _environment():
 
 
 def render_sample(template: str, messages: Optional[list] = None) -> str:
-    """Render a sample conversation; raises ValueError with a one-line reason on failure."""
+    """Render a sample conversation; raises ValueError with a one-line reason on failure.
+
+    The output is capped at MAX_RENDER_CHARS; the time and memory a template takes are
+    bounded by ``check_chat_template``, which calls this in a child process.
+    """
+    parts, size = [], 0
     try:
         compiled = _environment().from_string(template)
-        return compiled.render(messages=messages or SAMPLE_CONVERSATION, add_generation_prompt=True,
-                               bos_token="<s>", eos_token="</s>", tools=None, documents=None)
-    except Exception as e:  # syntax errors, raise_exception, sandbox violations, type errors
+        for part in compiled.generate(messages=messages or SAMPLE_CONVERSATION, add_generation_prompt=True,
+                                      bos_token="<s>", eos_token="</s>", tools=None, documents=None):
+            parts.append(part)
+            size += len(part)
+            if size > MAX_RENDER_CHARS:
+                break
+    except MemoryError:
+        raise ValueError(f"needs more than {RENDER_MEMORY_BYTES >> 20} MiB of memory") from None
+    except Exception as e:  # noqa: BLE001 - syntax errors, raise_exception, sandbox violations, type errors
         lineno = getattr(e, "lineno", None)
         where = f" (line {lineno})" if lineno else ""
         raise ValueError(f"{type(e).__name__}{where}: {' '.join(str(e).split())}") from None
+    if size > MAX_RENDER_CHARS:
+        raise ValueError(f"renders more than {MAX_RENDER_CHARS} characters")
+    return "".join(parts)
 
 
 def check_chat_template(value, err: Callable[[str, str], Exception]) -> None:
@@ -136,12 +186,56 @@ def check_chat_template(value, err: Callable[[str, str], Exception]) -> None:
     if template is None:
         raise err("chat_template", f"unknown chat template {value!r} (use auto, "
                                    f"{', '.join(sorted(BUILTIN_TEMPLATES))}, or a Jinja template)")
-    try:
-        out = render_sample(template)
-    except ValueError as e:
-        raise err("chat_template", f"template does not render a sample conversation: {e}")
-    if not out.strip():
+    if value in BUILTIN_TEMPLATES:  # ours: rendered here
+        try:
+            problem, empty = None, not render_sample(template).strip()
+        except ValueError as e:
+            problem, empty = str(e), False
+    else:
+        problem, empty = _render_in_child(template)
+    if problem:
+        raise err("chat_template", f"template does not render a sample conversation: {problem}")
+    if empty:
         raise err("chat_template", "template renders a sample conversation as an empty string")
+
+
+# The child: limits first, then jinja2 and the template (read from stdin); one line of JSON out.
+_CHILD = """
+import json, resource, sys
+sys.path[:0] = json.loads(sys.argv[1])
+cpu, memory = int(sys.argv[2]), int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+from ray_merge.chat_template import render_sample
+try:
+    result = {"empty": not render_sample(sys.stdin.read()).strip()}
+except ValueError as e:
+    result = {"problem": str(e)}
+print(json.dumps(result))
+"""
+
+
+@functools.lru_cache(maxsize=64)  # a search loads the same recipe template many times
+def _render_in_child(template: str) -> tuple[Optional[str], bool]:
+    """Render the sample conversation in a child process under the limits: (problem or None, empty)."""
+    wall = 6 * RENDER_CPU_SECONDS  # CPU time is the limit; wall time only guards against a stuck child
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-I", "-c", _CHILD, json.dumps(sys.path), str(RENDER_CPU_SECONDS),
+             str(RENDER_MEMORY_BYTES)],
+            input=template, capture_output=True, text=True, timeout=wall, check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return f"takes more than {wall} s", False
+    if proc.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
+        return f"takes more than {RENDER_CPU_SECONDS} s of CPU time", False
+    try:
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"the renderer failed (exit code {proc.returncode}: {last[:300]})", False
+    return result.get("problem"), bool(result.get("empty"))
 
 
 def builtin_or_literal(value: str) -> Optional[str]:

@@ -47,8 +47,8 @@ def test_set_overrides_nested_values(tmp_path):
         ("merge_method: nope\nmodels: [{model: a}]\n", "merge_method", "unknown merge method"),
         ("merge_method: linear\n", "models", "exactly one of"),
         (LINEAR + "slices: []\n", "models", "exactly one of"),
-        (LINEAR.replace("weight: 0.5}", "weight: 0.5, density: 0.3}", 1), "models[0].parameters.density",
-         "takes no parameter"),
+        (LINEAR.replace("weight: 0.5}", "weight: 0.5, densty: 0.3}", 1), "models[0].parameters.densty",
+         "did you mean 'density'"),  # a name no method takes (issue #10: a known one is ignored with a warning)
         (LINEAR.replace("bfloat16", "int3"), "dtype", "unknown dtype"),
         ("merge_method: linear\nslices:\n  - sources:\n      - model: a\n        layer_range: [3, 1]\n",
          "layer_range", "empty"),

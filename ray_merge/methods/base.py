@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import math
 import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -52,10 +53,46 @@ class Param:
     # weights and densities): the base model never needs a value for it, and a
     # method never reads it from the base model's ``model_params``.
     non_base: bool = False
+    # The valid range of a number, bounds included; None: unbounded. Recipe
+    # validation checks every value a recipe gives (each gradient point and
+    # filter value) with ``problem`` before any tensor is read.
+    min: Optional[float] = None
+    max: Optional[float] = None
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
+
+    def problem(self, value: Any) -> Optional[str]:
+        """Why ``value`` (one scalar as a recipe writes it) is not valid here; None when it is."""
+        if self.kind is bool:
+            if isinstance(value, bool) or value in (0, 1) or str(value).strip().lower() in _BOOL_WORDS:
+                return None
+            return f"must be true or false, got {value!r}"
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                return f"must be a number, got {value!r}"
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            return f"must be a number, got {value!r}"
+        if not math.isfinite(number):
+            return f"must be a finite number, got {value!r}"
+        if self.kind is int and number != int(number):
+            return f"must be a whole number, got {value!r}"
+        below = self.min is not None and number < self.min
+        above = self.max is not None and number > self.max
+        if below or above:
+            if self.min is not None and self.max is not None:
+                return f"must be between {self.min:g} and {self.max:g}, got {value!r}"
+            if below:
+                return f"must be at least {self.min:g}, got {value!r}"
+            return f"must be at most {self.max:g}, got {value!r}"
+        return None
+
+
+_BOOL_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")
 
 
 @dataclass(frozen=True)

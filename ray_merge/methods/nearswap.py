@@ -9,7 +9,7 @@ from ray_merge.methods.base import MergeInputs, Param, merge_method
 
 @merge_method(
     "nearswap",
-    params=[Param("t", help="similarity scale: parameters closer than t are swapped fully")],
+    params=[Param("t", min=0.0, help="similarity scale: parameters closer than t are swapped fully")],
     base_model="required",
     min_inputs=2,
     max_inputs=2,

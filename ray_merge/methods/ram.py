@@ -13,7 +13,7 @@ import torch
 from ray_merge.methods._common import base_and_others
 from ray_merge.methods.base import MergeInputs, Param, merge_method
 
-_EPSILON = Param("epsilon", 1e-5, help="changes at or below this magnitude count as none")
+_EPSILON = Param("epsilon", 1e-5, min=0.0, help="changes at or below this magnitude count as none")
 
 
 def _changes(inp: MergeInputs, name: str):
@@ -52,7 +52,7 @@ def ram(inp: MergeInputs) -> torch.Tensor:
     "ramplus_tl",
     params=[
         Param("r", 0.1, help="strength of the boost to unique changes"),
-        Param("alpha", 0.2, help="upper bound of the shared/unique ratio"),
+        Param("alpha", 0.2, min=0.0, help="upper bound of the shared/unique ratio"),
         _EPSILON,
     ],
     base_model="required",

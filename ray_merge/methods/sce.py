@@ -33,7 +33,7 @@ def _select_mask(task_vectors: torch.Tensor, fraction: float) -> torch.Tensor:
 @merge_method(
     "sce",
     params=[
-        Param("select_topk", 1.0,
+        Param("select_topk", 1.0, min=0.0, max=1.0,
               help="fraction of positions to keep, by variance across models (1 keeps all)"),
         Param("int8_mask", False, kind=bool,
               help="accepted for mergekit compatibility; masks are always compact here"),

@@ -35,7 +35,7 @@ def slerp_coefficients(t: float, cos_theta: float) -> tuple[float, float]:
 
 @merge_method(
     "slerp",
-    params=[Param("t", help="interpolation factor: 0 gives the base model, 1 the other")],
+    params=[Param("t", min=0.0, max=1.0, help="interpolation factor: 0 gives the base model, 1 the other")],
     base_model="required",
     min_inputs=2,
     max_inputs=2,
@@ -143,7 +143,7 @@ def nuslerp(inp: MergeInputs) -> torch.Tensor:
     params=[
         Param("weight", per_model=True, non_base=True, help="relative weight of this model"),
         Param("normalize_weights", True, kind=bool, help="divide weights by their sum"),
-        Param("eps", 1e-8, help="numerical-stability constant"),
+        Param("eps", 1e-8, min=0.0, help="numerical-stability constant"),
     ],
     base_model="optional",
     min_non_base=1,
@@ -212,8 +212,8 @@ def multislerp(inp: MergeInputs) -> torch.Tensor:
 @merge_method(
     "karcher",
     params=[
-        Param("max_iter", 10, kind=int, help="maximum gradient steps"),
-        Param("tol", 1e-5, help="convergence tolerance"),
+        Param("max_iter", 10, kind=int, min=0, help="maximum gradient steps"),
+        Param("tol", 1e-5, min=0.0, help="convergence tolerance"),
     ],
     base_model="none",
     pretty_name="Karcher Mean",

@@ -75,9 +75,9 @@ VARIANTS = (
 
 # The per-model option of a sparsifier besides density, passed on to ``sparsify.plan`` by name.
 SPARSIFIER_OPTIONS = {
-    sparsify.MAGNITUDE_OUTLIERS: Param("gamma", 0.01, per_model=True, non_base=True,
+    sparsify.MAGNITUDE_OUTLIERS: Param("gamma", 0.01, per_model=True, non_base=True, min=0.0, max=1.0,
                                        help="fraction of largest-magnitude entries to drop"),
-    sparsify.DELLA_MAGPRUNE: Param("epsilon", 0.15, per_model=True, non_base=True,
+    sparsify.DELLA_MAGPRUNE: Param("epsilon", 0.15, per_model=True, non_base=True, min=0.0, max=0.5,
                                    help="keep probabilities span density +/- epsilon by magnitude rank"),
 }
 
@@ -238,7 +238,7 @@ def _params(v: Variant) -> tuple[Param, ...]:
     params = [
         Param("weight", per_model=True, non_base=True,
               help="scale of this model's task vector"),
-        Param("density", 1.0, per_model=True, non_base=True,
+        Param("density", 1.0, per_model=True, non_base=True, min=0.0, max=1.0,
               help="fraction of the task vector's entries to keep"
               + ("" if v.sparsification else " (no effect for this method)")),
     ]

@@ -5,16 +5,22 @@ error names the file, the key path and the problem.
 """
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 from typing import Any, Optional, Union
 
+import torch
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, grammar_parser
 from omegaconf.errors import OmegaConfBaseException
+from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
 
+from ray_merge.dtypes import DTYPE_BY_NAME
 from ray_merge.errors import UserError
 from ray_merge.io.models import ModelRef
-from ray_merge.methods import get_method
+from ray_merge.methods import all_methods, get_method
+from ray_merge.methods.base import MergeMethod, Param
 from ray_merge.recipe.params import _is_scalar
 from ray_merge.recipe.schema import (
     DTYPE_ALIASES,
@@ -28,9 +34,15 @@ from ray_merge.recipe.tokenizer import check_recipe
 
 Scalar = Union[bool, int, float, str]
 
+log = logging.getLogger("ray_merge")
+
 
 def load_yaml(path: str, overrides: Optional[list[str]] = None, *, what: str = "recipe") -> dict:
-    """Read a YAML file with OmegaConf, apply ``key=value`` overrides, return plain data."""
+    """Read a YAML file with OmegaConf, apply ``key=value`` overrides, return plain data.
+
+    A recipe may interpolate other values (``${key}``) but call no resolver (``${oc.env:X}``,
+    ...); other files (a search config) may.
+    """
     if not os.path.isfile(path):
         raise UserError(f"{what} file not found", source=path)
     try:
@@ -51,10 +63,38 @@ def _apply_overrides(conf, source: str, overrides: Optional[list[str]], what: st
             OmegaConf.update(conf, key.strip(), yaml.safe_load(value), force_add=True)
         except (OmegaConfBaseException, yaml.YAMLError) as e:
             raise UserError(f"cannot apply --set {item!r}: {one_line(e)}", source=source)
+    if what == "recipe":
+        _refuse_resolvers(OmegaConf.to_container(conf, resolve=False), source)
     try:
         return OmegaConf.to_container(conf, resolve=True)
     except OmegaConfBaseException as e:
         raise UserError(f"cannot resolve the {what}: {one_line(e)}", source=source)
+
+
+def _refuse_resolvers(data: Any, source: str, key: str = "") -> None:
+    """Refuse interpolations that call a resolver (``${oc.env:X}``, ...): only ``${key}`` references.
+
+    Resolvers read the environment (whose values would end up in the output's model card and
+    config) or build values; a recipe is plain data. Checked after ``--set``, so an override cannot
+    bring one in either.
+    """
+    if isinstance(data, dict):
+        for k, v in data.items():
+            _refuse_resolvers(v, source, f"{key}.{k}" if key else str(k))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            _refuse_resolvers(v, source, f"{key}[{i}]")
+    elif isinstance(data, str) and "${" in data:
+        try:
+            nodes = [grammar_parser.parse(data)]
+        except OmegaConfBaseException:
+            return  # not an interpolation OmegaConf can read: resolving reports it
+        while nodes:
+            node = nodes.pop()
+            if isinstance(node, OmegaConfGrammarParser.InterpolationResolverContext):
+                raise UserError(f"recipes take no resolver interpolations (${{{node.resolverName().getText()}:...}}); "
+                                f"only ${{key}} references to other values", source=source, key=key)
+            nodes.extend(getattr(node, "children", None) or [])
 
 
 def load_recipe(path: str, overrides: Optional[list[str]] = None) -> Recipe:
@@ -63,7 +103,11 @@ def load_recipe(path: str, overrides: Optional[list[str]] = None) -> Recipe:
 
 
 def recipe_from_dict(data: dict, source: str = "<recipe>", overrides: Optional[list[str]] = None) -> Recipe:
-    return recipe_from_conf(OmegaConf.create(data), source=source, overrides=overrides)
+    try:
+        conf = OmegaConf.create(data)
+    except OmegaConfBaseException as e:
+        raise UserError(f"cannot read the recipe: {one_line(e)}", source=source)
+    return recipe_from_conf(conf, source=source, overrides=overrides)
 
 
 def recipe_from_conf(conf, source: str, overrides: Optional[list[str]] = None) -> Recipe:
@@ -174,22 +218,15 @@ def _validate(data: dict, source: str) -> Recipe:
                 )
             )
 
-    # Parameters the method does not take.
-    known = {p.name for p in method.params}
-    for key, block in _parameter_blocks(params, slices, from_models=has_models):
-        for name in block:
-            if name not in known:
-                takes = ", ".join(sorted(known)) or "none"
-                raise err(f"{key}.{name}", f"merge method {method.name!r} takes no parameter {name!r} (takes: {takes})")
+    dtype = _dtype(data.get("dtype"), "dtype", err)
+    out_dtype = _dtype(data.get("out_dtype"), "out_dtype", err)
+    _check_parameters(method, _parameter_blocks(params, slices, from_models=has_models), dtype, source, err)
 
     # Base model requirements.
     for i, s in enumerate(slices):
         effective_base = s.base_model or base
         if method.base_model == "required" and effective_base is None:
             raise err("base_model", f"merge method {method.name!r} needs a base_model")
-
-    dtype = _dtype(data.get("dtype"), "dtype", err)
-    out_dtype = _dtype(data.get("out_dtype"), "out_dtype", err)
 
     tokenizer_source = data.get("tokenizer_source")
     tokenizer = data.get("tokenizer")
@@ -276,6 +313,71 @@ def _check_setting(setting: Any, key: str, err) -> None:
             _check_setting(item, f"{key}[{i}]", err)
         return
     raise err(key, f"unsupported value {setting!r}")
+
+
+def _check_parameters(method: MergeMethod, blocks, dtype: Optional[str], source: str, err) -> None:
+    """Check every parameter value against the method's declaration (type, finite, range).
+
+    A name the method does not take but another method does is ignored with a warning, as
+    mergekit does (published recipes carry e.g. ``weight`` on slerp), and removed from its
+    block so that it never reaches the method; a name no method takes is a typo.
+    """
+    declared = {p.name: p for p in method.params}
+    ignored: dict[str, list[str]] = {}
+    for key, block in blocks:
+        for name in list(block):
+            param = declared.get(name)
+            if param is None:
+                if name not in _all_parameter_names():
+                    raise err(f"{key}.{name}", _unknown_parameter(method, name))
+                ignored.setdefault(name, []).append(key)
+                del block[name]
+                continue
+            for where, value in _scalars(block[name], f"{key}.{name}"):
+                problem = param.problem(value) or _overflow(param, value, dtype)
+                if problem:
+                    raise err(where, problem)
+    for name, keys in ignored.items():
+        log.warning("%s: merge method %r ignores parameter %r (given in %s)", source, method.name, name,
+                    ", ".join(keys))
+
+
+def _all_parameter_names() -> set[str]:
+    return {p.name for m in all_methods().values() for p in m.params}
+
+
+def _unknown_parameter(method: MergeMethod, name: str) -> str:
+    own = sorted(p.name for p in method.params)
+    close = difflib.get_close_matches(name, own, n=1) or difflib.get_close_matches(
+        name, sorted(_all_parameter_names()), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return (f"no merge method takes a parameter {name!r}{hint} "
+            f"(merge method {method.name!r} takes: {', '.join(own) or 'none'})")
+
+
+def _scalars(setting: Any, key: str):
+    """``(key path, value)`` for every scalar of a setting: itself, each gradient point, each filter value."""
+    if isinstance(setting, dict):
+        yield from _scalars(setting["value"], f"{key}.value")
+    elif isinstance(setting, list):
+        for i, item in enumerate(setting):
+            yield from _scalars(item, f"{key}[{i}]")
+    else:
+        yield key, setting
+
+
+def _overflow(param: Param, value: Any, dtype: Optional[str]) -> Optional[str]:
+    """A number too large for the compute dtype (the recipe's dtype; else float16's range, the narrowest
+    an input may have) would overflow when the method scales a tensor by it."""
+    if param.kind is not float:
+        return None
+    limit = torch.finfo(DTYPE_BY_NAME[dtype or "float16"]).max
+    if abs(float(value)) <= limit:
+        return None
+    if dtype:
+        return f"{value!r} overflows the compute dtype {dtype} (largest value {limit:g})"
+    return (f"{value!r} may overflow the inputs' dtype (largest float16 value {limit:g}); "
+            f"set dtype: float32 to use it")
 
 
 def _parameter_blocks(params: dict, slices: list[OutputSlice], from_models: bool = False):
