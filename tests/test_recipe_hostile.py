@@ -6,6 +6,7 @@ nothing written: neither OUT nor OUT.ray-merge-partial.
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -89,13 +90,32 @@ def _assert_refused(proc, path, key, fragment, out):
     assert SECRET not in proc.stderr + proc.stdout
 
 
+def _run_in_process(capsys, *args):
+    """`ray-merge ARGS` in this process (the checks here never reach a tensor): fast, same main()."""
+    from ray_merge.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
+
+
 @pytest.mark.parametrize("name", sorted(HOSTILE))
-def test_hostile_recipe_is_one_line_and_writes_nothing(tmp_path, models_dir, name):
+def test_hostile_recipe_is_one_line_and_writes_nothing(tmp_path, models_dir, name, capsys, monkeypatch):
     text, key, fragment = HOSTILE[name]
     path = write_recipe(tmp_path / "recipe.yml", text, M=models_dir)
     out = tmp_path / "out"
-    proc = run_cli("run", path, out, env={"SECRET": SECRET})
-    _assert_refused(proc, path, key, fragment, out)
+    monkeypatch.setenv("SECRET", SECRET)
+    _assert_refused(_run_in_process(capsys, "run", path, out), path, key, fragment, out)
+
+
+@pytest.mark.parametrize("name", ["weight-nan", "oc-env", "chat-string-times"])
+def test_hostile_recipe_through_the_command(tmp_path, models_dir, name):
+    """A few of the same through a real `ray-merge` process: exit code and stderr as a user sees them."""
+    text, key, fragment = HOSTILE[name]
+    path = write_recipe(tmp_path / "recipe.yml", text, M=models_dir)
+    out = tmp_path / "out"
+    _assert_refused(run_cli("run", path, out, env={"SECRET": SECRET}), path, key, fragment, out)
 
 
 def test_set_cannot_inject_a_resolver(tmp_path, models_dir):
