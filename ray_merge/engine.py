@@ -11,6 +11,7 @@ from ray_merge.execute.local import run_in_process
 from ray_merge.execute.shards import ATTEMPTS_DIR, ShardResult
 from ray_merge.options import MergeOptions
 from ray_merge.output.staging import (
+    discard,
     finalize,
     journal_shard,
     prepare_output,
@@ -46,24 +47,35 @@ def run_merge(recipe: Recipe, out_dir: str, options: MergeOptions,
     plan = plan or make_plan(recipe, options)
     executor = executor or run_in_process
     getattr(executor, "preflight", check_budget)(plan, options)
-    stage, done = prepare_output(out_dir, plan, resume=options.resume)
-    records = dict(done)
-    todo = [s for s in plan.shards if s.index not in done]
-    if done:
-        log.info("resuming: %d of %d shards already finished", len(done), len(plan.shards))
+    staging = prepare_output(out_dir, plan, resume=options.resume)
+    stage = staging.path
+    records = dict(staging.done)
+    try:
+        todo = [s for s in plan.shards if s.index not in records]
+        if records:
+            log.info("resuming: %d of %d shards already finished", len(records), len(plan.shards))
 
-    def on_shard(res: ShardResult) -> None:
-        journal_shard(stage, res)
-        records[res.index] = {"index": res.index, "filename": res.filename, "checksum": res.checksum,
-                              "nbytes": res.nbytes}
+        def on_shard(res: ShardResult) -> None:
+            journal_shard(stage, res)
+            records[res.index] = {"index": res.index, "filename": res.filename, "checksum": res.checksum,
+                                  "nbytes": res.nbytes}
 
-    total = sum(s.nbytes for s in todo)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=options.quiet) as bar:
-        executor(plan, todo, stage, options, on_shard, progress=bar)
-    # an executor may say how it ran (the Ray executor: per-worker stats) for the manifest
-    extra = getattr(executor, "manifest_extra", None)
-    shutil.rmtree(os.path.join(stage, ATTEMPTS_DIR), ignore_errors=True)
+        total = sum(s.nbytes for s in todo)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=options.quiet) as bar:
+            executor(plan, todo, stage, options, on_shard, progress=bar)
+        # an executor may say how it ran (the Ray executor: per-worker stats) for the manifest
+        extra = getattr(executor, "manifest_extra", None)
+        shutil.rmtree(os.path.join(stage, ATTEMPTS_DIR), ignore_errors=True)
 
-    finalize(plan, stage, out_dir, records, copy_tokenizer=options.copy_tokenizer,
-             write_model_card=options.write_model_card, extra_manifest=extra() if callable(extra) else extra)
+        finalize(plan, stage, out_dir, records, copy_tokenizer=options.copy_tokenizer,
+                 write_model_card=options.write_model_card, extra_manifest=extra() if callable(extra) else extra)
+    except BaseException:
+        if not records and os.path.isdir(stage):
+            # nothing finished that --resume could reuse: take our staging directory away, so that it
+            # does not block the next run
+            shutil.rmtree(os.path.join(stage, ATTEMPTS_DIR), ignore_errors=True)
+            discard(stage)
+        raise
+    finally:
+        staging.release()
     return plan

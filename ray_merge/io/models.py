@@ -6,6 +6,8 @@ are read lazily, one at a time, by ``WeightReader``.
 from __future__ import annotations
 
 import glob
+import hashlib
+import itertools
 import json
 import mmap
 import os
@@ -84,29 +86,94 @@ class TensorMeta:
         return self.numel * self.dtype.itemsize
 
 
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's limit
+
+
+class _HeaderError(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _HeaderError(f"key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
 def _read_safetensors_header(path: str) -> dict:
-    """Parse a safetensors header without touching the tensor data."""
+    """Parse and validate a safetensors header without touching the tensor data.
+
+    Checked as the safetensors library checks it: a sane header length, a JSON object, every
+    tensor with a known dtype, a shape of non-negative integers and data offsets spanning exactly
+    shape x itemsize bytes, the tensors' data contiguous, in order, without overlaps or gaps,
+    ending exactly at the end of the file. Each tensor's info gets ``file_offset``, where its
+    bytes start in the file.
+    """
     try:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) != 8:
-                raise ValueError("file too short")
+                raise _HeaderError("file too short")
             n = int.from_bytes(head, "little")
             size = os.fstat(f.fileno()).st_size
-            if n <= 0 or n > min(size - 8, 100 * 1024 * 1024):
-                raise ValueError(f"header length {n} out of range")
-            header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        header.pop("__metadata__", None)
-        for name, info in header.items():
-            start, end = info["data_offsets"]
-            if not 0 <= start <= end <= size - 8 - n or info["dtype"] not in SAFETENSORS_DTYPES:
-                raise ValueError(f"tensor {name} has bad offsets or dtype")
-            info["file_offset"] = 8 + n + start
-        return header
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            if n <= 0 or n > min(size - 8, MAX_HEADER_BYTES):
+                raise _HeaderError(f"header length {n} out of range")
+            header = json.loads(f.read(n), object_pairs_hook=_no_duplicate_keys)
+    except OSError as e:
+        raise UserError(f"cannot read safetensors header: {e.strerror or e}", source=path)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise UserError(f"corrupt safetensors header: {e}", source=path)
+    if not isinstance(header, dict):
+        raise UserError("corrupt safetensors header: not a JSON object", source=path)
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not isinstance(meta, dict):
+        raise UserError("corrupt safetensors header: __metadata__ is not a JSON object", source=path)
+    data_size = size - 8 - n
+    spans = []
+    for name, info in header.items():
+        problem = _tensor_entry_problem(info)
+        if problem:
+            raise UserError(f"corrupt safetensors header: tensor {name}: {problem}", source=path)
+        spans.append((info["data_offsets"][0], info["data_offsets"][1], name))
+        info["file_offset"] = 8 + n + info["data_offsets"][0]
+    spans.sort()
+    for (start0, stop0, name0), (start, stop, name) in itertools.pairwise(spans):
+        if start < stop0:
+            raise UserError(f"corrupt safetensors header: tensor {name}: data_offsets [{start}, {stop}] overlap "
+                            f"those of tensor {name0} [{start0}, {stop0}]", source=path)
+    end = 0
+    for start, stop, name in spans:
+        if start != end:
+            raise UserError(f"corrupt safetensors header: tensor {name}: data_offsets [{start}, {stop}] leave "
+                            f"{start - end} bytes before them unclaimed", source=path)
+        end = stop
+    if end != data_size:
+        raise UserError(f"corrupt safetensors header: the tensors' data ends at byte {end} but the file holds "
+                        f"{data_size} bytes of data", source=path)
+    return header
+
+
+def _tensor_entry_problem(info) -> Optional[str]:
+    """What is wrong with one tensor's header entry, or None."""
+    if not isinstance(info, dict):
+        return "entry is not a JSON object"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in SAFETENSORS_DTYPES:
+        return f"unknown dtype {dtype!r}"
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        return f"bad shape {shape!r}"
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+        return f"bad data_offsets {offsets!r}"
+    need = SAFETENSORS_DTYPES[dtype].itemsize
+    for d in shape:
+        need *= d
+    if offsets[1] - offsets[0] != need:
+        return (f"shape {shape} {dtype} needs {need} bytes but data_offsets {offsets} span "
+                f"{offsets[1] - offsets[0]}")
+    return None
 
 
 def index_weights(model_dir: str, label: str) -> dict[str, TensorMeta]:
@@ -116,18 +183,12 @@ def index_weights(model_dir: str, label: str) -> dict[str, TensorMeta]:
     if st_files:
         idx_path = os.path.join(model_dir, "model.safetensors.index.json")
         if os.path.isfile(idx_path):
-            try:
-                with open(idx_path) as f:
-                    listed = set(json.load(f)["weight_map"].values())
-            except (json.JSONDecodeError, KeyError, OSError) as e:
-                raise UserError(f"unreadable index: {e}", source=idx_path)
-            st_files = [os.path.join(model_dir, f) for f in sorted(listed)]
-            for f in st_files:
-                if not os.path.isfile(f):
-                    raise UserError(f"model {label}: index lists missing shard {os.path.basename(f)}",
-                                    source=idx_path)
+            st_files = [os.path.join(model_dir, f) for f in _index_files(idx_path, label)]
         for path in st_files:
             for name, info in _read_safetensors_header(path).items():
+                if name in index:
+                    raise UserError(f"model {label}: tensor {name} is in both {os.path.basename(index[name].file)} "
+                                    f"and {os.path.basename(path)}", source=path)
                 index[name] = TensorMeta(path, tuple(info["shape"]), SAFETENSORS_DTYPES[info["dtype"]],
                                          info["file_offset"])
         return index
@@ -138,6 +199,47 @@ def index_weights(model_dir: str, label: str) -> dict[str, TensorMeta]:
                 index[name] = TensorMeta(path, tuple(t.shape), t.dtype)
         return index
     raise UserError(f"model {label}: no weights (*.safetensors or pytorch_model*.bin) in {model_dir}")
+
+
+def _index_files(idx_path: str, label: str) -> list[str]:
+    """The weight files a safetensors index names, sorted.
+
+    Every ``weight_map`` entry must be the plain name of a file in the model directory
+    itself: no absolute path and no ``..`` or other directory part, so an index can never
+    make us read a file outside the model (the file may be a symlink, as in the hub cache).
+    """
+    try:
+        with open(idx_path) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, OSError) as e:
+        raise UserError(f"unreadable index: {e}", source=idx_path)
+    if not isinstance(weight_map, dict):
+        raise UserError("weight_map is not a JSON object", source=idx_path, key="weight_map")
+    files = set()
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or os.path.basename(file) != file or file in ("", ".", ".."):
+            raise UserError(f"{file!r} is not the name of a file in the model directory",
+                            source=idx_path, key=f"weight_map[{name!r}]")
+        files.add(file)
+    model_dir = os.path.dirname(idx_path)
+    for file in sorted(files):
+        if not os.path.isfile(os.path.join(model_dir, file)):
+            raise UserError(f"model {label}: index lists missing shard {file}", source=idx_path)
+    return sorted(files)
+
+
+def file_identity(path: str) -> dict:
+    """What identifies an input weight file's content cheaply: its size, modification time and a
+    hash of its header (a safetensors header; the first MiB of another file)."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if path.endswith(".safetensors") and len(head) == 8 else 0
+            head += f.read(n if 0 < n <= MAX_HEADER_BYTES else (1 << 20) - len(head))
+    except OSError as e:
+        raise UserError(f"cannot read input: {e.strerror or e}", source=path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": hashlib.sha256(head).hexdigest()}
 
 
 def _load_bin(path: str) -> dict[str, torch.Tensor]:
@@ -204,6 +306,40 @@ def _read_into_memory(meta: TensorMeta, start: int = 0, stop: Optional[int] = No
     except OSError as e:
         raise UserError(f"cannot read weights: {e.strerror or e}", source=meta.file)
     return out
+
+
+def same_data(tensors: list[tuple[str, TensorMeta]]) -> bool:
+    """Whether (name, meta) tensors of several models hold the same dtype, shape and bytes.
+
+    For the few non-float buffers (position ids, masks) the planner copies rather than merges:
+    safetensors bytes are compared a chunk at a time, stopping at the first difference.
+    """
+    first = tensors[0][1]
+    if any(m.dtype != first.dtype or m.shape != first.shape for _, m in tensors[1:]):
+        return False
+    if all(m.offset is not None for _, m in tensors):
+        chunk = 1 << 24
+        for pos in range(0, first.nbytes, chunk):
+            n = min(chunk, first.nbytes - pos)
+            want = _read_bytes(first, pos, n)
+            if any(_read_bytes(m, pos, n) != want for _, m in tensors[1:]):
+                return False
+        return True
+    values = [_read_into_memory(m) if m.offset is not None else _load_bin(m.file)[name] for name, m in tensors]
+    return all(torch.equal(values[0], v) for v in values[1:])
+
+
+def _read_bytes(meta: TensorMeta, pos: int, n: int) -> bytes:
+    """``n`` bytes of a safetensors tensor's data, from byte ``pos`` of it."""
+    try:
+        with open(meta.file, "rb") as f:
+            f.seek(meta.offset + pos)
+            data = f.read(n)
+    except OSError as e:
+        raise UserError(f"cannot read weights: {e.strerror or e}", source=meta.file)
+    if len(data) != n:
+        raise UserError("file ends inside tensor data", source=meta.file)
+    return data
 
 
 class WeightReader:

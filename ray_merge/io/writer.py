@@ -15,6 +15,8 @@ from typing import Iterable
 import torch
 import xxhash
 
+from ray_merge.errors import UserError
+
 _ST_DTYPE = {
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
     "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
@@ -47,12 +49,18 @@ class ShardWriter:
         self._expected = [(name, tuple(shape), dtype) for name, shape, dtype in self._layout]
         self._next = 0
         self._hash = xxhash.xxh3_128()  # fast enough to checksum at write speed
-        self._file = open(self.tmp_path, "wb")
+        try:
+            self._file = open(self.tmp_path, "wb")
+        except OSError as e:
+            raise UserError(f"cannot create: {e.strerror or e}", source=self.tmp_path) from e
         self._emit(len(raw).to_bytes(8, "little") + raw)
         self.total_bytes = 8 + len(raw) + offset
 
     def _emit(self, data) -> None:
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as e:  # a full disk: name the file (the error itself names none)
+            raise UserError(f"cannot write: {e.strerror or e}", source=self.tmp_path) from e
         self._hash.update(data)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -90,16 +98,20 @@ class ShardWriter:
         """Finish the file, rename it into place, return its checksum (xxh3-128, hex)."""
         if self._next != len(self._expected):
             raise RuntimeError(f"shard {self.path}: {len(self._expected) - self._next} tensors never written")
-        self._file.close()
-        os.replace(self.tmp_path, self.path)
+        try:
+            self._file.close()  # flushes the last buffered bytes
+            os.replace(self.tmp_path, self.path)
+        except OSError as e:
+            raise UserError(f"cannot write: {e.strerror or e}", source=self.tmp_path) from e
         return self._hash.hexdigest()
 
     def abort(self) -> None:
         try:
             self._file.close()
-        finally:
-            if os.path.exists(self.tmp_path):
-                os.remove(self.tmp_path)
+        except OSError:
+            pass  # flushing into a full disk fails again; the file goes anyway
+        if os.path.exists(self.tmp_path):
+            os.remove(self.tmp_path)
 
 
 def checksum_file(path: str, chunk: int = 1 << 24) -> str:

@@ -6,19 +6,26 @@ looks finished. The journal records each finished, checksummed shard for --resum
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
 import shutil
+import socket
 import sys
 import time
 from typing import Optional
 
 from ray_merge.errors import UserError
+from ray_merge.io.models import file_identity
+from ray_merge.io.writer import checksum_file
 from ray_merge.output.tokenizer import write_tokenizer
 from ray_merge.planner.plan import Plan
 
 JOURNAL = "journal.jsonl"
+FINGERPRINT = "plan_fingerprint"
+INPUTS = "inputs.json"  # the identity of every input weight file, recorded when the staging dir is made
+LOCK = ".ray-merge.lock"  # held (flock) by the run writing the staging dir; names its pid and host
 
 
 MANIFEST = "ray_merge_manifest.json"
@@ -29,8 +36,18 @@ def staging_dir(out_dir: str) -> str:
 
 
 def check_output_location(out_dir: str) -> str:
-    """Refuse a non-empty output or an unwritable parent (creating it if needed); return the absolute path."""
+    """Refuse a non-empty output or an unwritable parent (creating it if needed); return the absolute path.
+
+    An output path (or its staging path) that is a symbolic link is refused, whatever it points to (an
+    empty directory, nothing, itself): the output is renamed into place at the end, which would replace
+    the link rather than fill its target, so we say so before any tensor is read. Links in the
+    directories above the output are fine.
+    """
     out_dir = os.path.abspath(out_dir)
+    for path in (out_dir, staging_dir(out_dir)):
+        if os.path.islink(path):
+            raise UserError(f"output {path} is a symbolic link (to {os.readlink(path)}); give the real path "
+                            "of the output directory instead")
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise UserError(f"output {out_dir} already exists and is not empty; choose a new path or remove it")
     parent = os.path.dirname(out_dir) or "."
@@ -43,40 +60,156 @@ def check_output_location(out_dir: str) -> str:
     return out_dir
 
 
-def prepare_output(out_dir: str, plan: Plan, *, resume: bool) -> tuple[str, dict[int, dict]]:
-    """Create (or, with resume, reopen) the staging directory; return it and the finished shards."""
+class Staging:
+    """The staging directory of one run, locked for as long as the run lasts.
+
+    ``done``: shards a previous run finished whose files still match their journaled checksum.
+    """
+
+    def __init__(self, path: str, lock, done: dict[int, dict]):
+        self.path = path
+        self.done = done
+        self._lock = lock
+
+    def release(self) -> None:
+        self._lock.close()
+
+
+def prepare_output(out_dir: str, plan: Plan, *, resume: bool) -> Staging:
+    """Create (or, with resume, reopen) the staging directory, locked; say which shards are finished.
+
+    The free space is checked before anything is created. Reopening checks that no other run holds
+    the directory, that the inputs are the files the interrupted run read, and each finished shard's
+    checksum (a shard that no longer matches is redone).
+    """
     out_dir = check_output_location(out_dir)
-    parent = os.path.dirname(out_dir)
     stage = staging_dir(out_dir)
-    done: dict[int, dict] = {}
-    if os.path.isdir(stage):
-        if resume:
-            done = read_journal(stage, plan)
-        else:
+    if not os.path.isdir(stage):
+        _check_space(out_dir, plan.bytes_written)
+        try:
+            os.mkdir(stage)
+        except OSError as e:
+            raise UserError(f"cannot create the staging directory: {e.strerror}", source=stage)
+        lock = _lock(stage)
+        try:
+            with open(os.path.join(stage, FINGERPRINT), "w") as f:
+                f.write(plan.fingerprint)
+            _write_json(os.path.join(stage, INPUTS), input_identities(plan))
+        except BaseException:
+            discard(stage)
+            lock.close()
+            raise
+        return Staging(stage, lock, {})
+    lock = _lock(stage)
+    try:
+        if not resume:
             raise UserError(f"an interrupted merge left {stage}; rerun with --resume to finish it, or remove it")
-    else:
-        os.makedirs(stage)
-        with open(os.path.join(stage, "plan_fingerprint"), "w") as f:
-            f.write(plan.fingerprint)
-    need = plan.bytes_written
-    free = shutil.disk_usage(stage).free
-    if free < need - sum(d["nbytes"] for d in done.values()):
+        check_fingerprint(stage, plan)
+        check_inputs(stage, plan)
+        done = read_journal(stage)
+        _check_space(out_dir, plan.bytes_written - sum(d["nbytes"] for d in done.values()))
+    except BaseException:
+        lock.close()
+        raise
+    return Staging(stage, lock, done)
+
+
+def _check_space(out_dir: str, need: int) -> None:
+    parent = os.path.dirname(out_dir)
+    free = shutil.disk_usage(parent).free
+    if free < need:
         raise UserError(f"not enough disk space at {parent}: need {need / 1e9:.2f} GB, have {free / 1e9:.2f} GB")
-    return stage, done
 
 
-def read_journal(stage: str, plan: Plan) -> dict[int, dict]:
-    """Shards recorded as finished, whose files are still there with the recorded size."""
-    fp_path = os.path.join(stage, "plan_fingerprint")
+def _lock(stage: str):
+    """Take the staging directory's lock (the open lock file), or fail naming the run that holds it."""
+    path = os.path.join(stage, LOCK)
+    try:
+        f = open(path, "a+")  # noqa: SIM115 (held open, locked, for the whole run)
+    except OSError as e:
+        raise UserError(f"cannot open the lock file: {e.strerror}", source=path)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"another ray-merge run ({holder}) is writing this output; wait for it to end", source=stage)
+    if not os.path.exists(path) or os.stat(path).st_ino != os.fstat(f.fileno()).st_ino:
+        f.close()  # the run that held it just finished (or gave up) and took its staging directory away
+        raise UserError("another ray-merge run just finished or removed this staging directory; check the output",
+                        source=stage)
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
+def discard(stage: str) -> None:
+    """Remove a staging directory holding no finished shard: only the files ray-merge writes there
+    (bookkeeping and unfinished ``.tmp`` shards); anything else keeps the directory."""
+    for name in os.listdir(stage):
+        if name in (FINGERPRINT, INPUTS, JOURNAL, LOCK) or name.endswith(".safetensors.tmp"):
+            os.remove(os.path.join(stage, name))
+    try:
+        os.rmdir(stage)
+    except OSError:
+        pass  # files we did not write: left as they are
+
+
+def input_identities(plan: Plan) -> dict[str, dict]:
+    """Every input weight file of the plan with its size, modification time and header hash."""
+    files = sorted({i.file for t in plan.tensors for i in t.inputs})
+    return {f: file_identity(f) for f in files}
+
+
+def check_inputs(stage: str, plan: Plan) -> None:
+    """Refuse to resume when an input weight file changed since the staging directory was made."""
+    path = os.path.join(stage, INPUTS)
+    if not os.path.exists(path):  # made by an older version: record the inputs from now on
+        _write_json(path, input_identities(plan))
+        return
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"unreadable record of the inputs ({e}); remove {stage} to start over", source=path)
+    if not isinstance(recorded, dict):
+        raise UserError(f"unreadable record of the inputs; remove {stage} to start over", source=path)
+    current = input_identities(plan)
+    for file in sorted(set(recorded) | set(current)):
+        was, now = recorded.get(file), current.get(file)
+        if was != now:
+            if now is None or was is None:
+                what = "is no longer an input" if now is None else "is a new input"
+            else:
+                what = f"changed ({', '.join(k for k in now if was.get(k) != now[k])} not as recorded)"
+            raise UserError(f"input {what} since the interrupted merge began; the finished shards in {stage} "
+                            "would mix old and new inputs: remove that directory to start over", source=file)
+
+
+def check_fingerprint(stage: str, plan: Plan) -> None:
+    """Refuse to resume a staging directory made for another recipe, other inputs or another seed."""
+    fp_path = os.path.join(stage, FINGERPRINT)
     if os.path.exists(fp_path):
         with open(fp_path) as f:
             if f.read().strip() != plan.fingerprint:
                 raise UserError(f"{stage} was written by a different recipe, inputs or seed; "
                                 "remove it to start over")
+
+
+def read_journal(stage: str) -> dict[int, dict]:
+    """Shards recorded as finished whose files are still there, with the recorded size and checksum.
+
+    A shard whose file no longer matches (a corrupted or half-overwritten file) is left out, to be
+    redone, and we say so on stderr.
+    """
     done = {}
     path = os.path.join(stage, JOURNAL)
     if not os.path.exists(path):
         return done
+    checksums: dict[str, str] = {}
     with open(path) as f:
         for line in f:
             try:
@@ -84,18 +217,31 @@ def read_journal(stage: str, plan: Plan) -> dict[int, dict]:
             except json.JSONDecodeError:
                 continue  # a torn last line from a crash
             file = os.path.join(stage, rec["filename"])
-            if os.path.isfile(file) and os.path.getsize(file) == rec["nbytes"]:
+            if not os.path.isfile(file) or os.path.getsize(file) != rec["nbytes"]:
+                done.pop(rec["index"], None)
+                continue
+            if file not in checksums:
+                checksums[file] = checksum_file(file)
+            if checksums[file] == rec["checksum"]:
                 done[rec["index"]] = rec
+            else:
+                done.pop(rec["index"], None)
+                print(f"ray-merge: note: {file} does not match the checksum in the journal; redoing it",
+                      file=sys.stderr)
     return done
 
 
 def journal_shard(stage: str, result) -> None:
     rec = {"index": result.index, "filename": result.filename, "checksum": result.checksum,
            "nbytes": result.nbytes, "time": time.time()}
-    with open(os.path.join(stage, JOURNAL), "a") as f:
-        f.write(json.dumps(rec) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    path = os.path.join(stage, JOURNAL)
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"cannot write: {e.strerror or e}", source=path) from e
 
 
 def finalize(plan: Plan, stage: str, out_dir: str, shard_records: dict[int, dict], *,
@@ -135,14 +281,18 @@ def finalize(plan: Plan, stage: str, out_dir: str, shard_records: dict[int, dict
         **(extra_manifest or {}),
     }
     _write_json(os.path.join(stage, MANIFEST), manifest)
-    for leftover in (JOURNAL, "plan_fingerprint"):
+    for leftover in (JOURNAL, FINGERPRINT, INPUTS):
         p = os.path.join(stage, leftover)
         if os.path.exists(p):
             os.remove(p)
     out_dir = os.path.abspath(out_dir)
     if os.path.isdir(out_dir) and not os.listdir(out_dir):
         os.rmdir(out_dir)
+    # the lock file moves with the directory (a run starting now finds the staging directory locked,
+    # or gone) and is removed from the output right after
     os.replace(stage, out_dir)
+    if os.path.exists(os.path.join(out_dir, LOCK)):
+        os.remove(os.path.join(out_dir, LOCK))
 
 
 def model_card(plan: Plan, recipe_yaml: str) -> str:
@@ -191,7 +341,10 @@ def package_versions() -> dict:
 
 def _write_json(path: str, data) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk: name the file
+        raise UserError(f"cannot write: {e.strerror or e}", source=tmp) from e

@@ -1,10 +1,13 @@
 """Planning: recipe + model metadata -> every output tensor with its inputs and parameters.
 
-No tensor data is read. The plan is a plain picklable value: the in-process executor
-and the Ray workers run the same plan, cut into output shards.
+No tensor data is read, except the few non-float buffers (position ids, masks), which are
+compared across the inputs: copied when identical, never merged. The plan is a plain
+picklable value: the in-process executor and the Ray workers run the same plan, cut into
+output shards.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import re
@@ -19,15 +22,16 @@ from ray_merge.io.models import (
     index_weights,
     read_config,
     resolve_model_dir,
+    same_data,
 )
 from ray_merge.methods import MergeMethod, get_method
 from ray_merge.options import DEFAULT_SHARD_BYTES
 from ray_merge.planner.architecture import (
     Layout,
     infer_layout,
-    layer_count_key,
-    set_config_value,
+    packed_per_layer,
 )
+from ray_merge.planner.layer_config import check_same_layers, layer_values, stack_layer_fields
 from ray_merge.planner.vocab import RowRemap, TokenizerPlan, shape_mismatch_hint, vocab_planner
 from ray_merge.recipe.params import _MISSING, resolve
 from ray_merge.recipe.schema import OutputSlice, Recipe, SliceSource
@@ -159,6 +163,7 @@ class Planner:
         self._meta: dict[ModelRef, _ModelMeta] = {}
         self._order: list[ModelRef] = []
         self.vocab = None  # vocab.VocabPlanner when the recipe sets tokenizer / chat_template
+        self._values: dict[ModelRef, dict[str, list]] = {}  # each model's per-layer config values
 
     # -- model metadata ---------------------------------------------------
     def meta(self, ref: ModelRef) -> _ModelMeta:
@@ -198,13 +203,14 @@ class Planner:
             if pt:
                 tensors.append(pt)
         out_layer = 0
+        stack: list[tuple[ModelRef, int]] = []  # where each output layer comes from (its first source)
         for si, sl in enumerate(slices):
             start0, end0 = sl.sources[0].layer_range
             n = end0 - start0
             for offset in range(n):
                 t = offset / (n - 1) if n > 1 else 1.0
                 template = self.meta(sl.sources[0].model).layout
-                for suffix in template.layer_suffixes:
+                for suffix in self._layer_suffixes(sl, offset):
                     inputs = []
                     for src in sl.sources:
                         lay = self.meta(src.model).layout
@@ -214,13 +220,15 @@ class Planner:
                     pt = self._plan_tensor(out_name, inputs, sl, t=t)
                     if pt:
                         tensors.append(pt)
+                stack.append((sl.sources[0].model, start0 + offset))
                 out_layer += 1
         for name in donor.layout.post:
             pt = self._plan_tensor(name, [(s.model, name) for s in last.sources], last, t=0.0)
             if pt:
                 tensors.append(pt)
 
-        out_config = self._out_config(donor, out_layer)
+        self._check_packed(donor, stack)
+        out_config = self._out_config(donor, stack)
         if self.vocab is not None:
             self.vocab.update_config(out_config)
         tensors, shards = self._shard(tensors)
@@ -263,6 +271,43 @@ class Planner:
                 sources.append(SliceSource(model=base, layer_range=(0, n)))
             out.append(OutputSlice(sources=sources, base_model=sl.base_model, parameters=sl.parameters))
         return out
+
+    def _layer_suffixes(self, sl: OutputSlice, offset: int) -> tuple[str, ...]:
+        """The tensors of one output layer: its sources' layers must hold the same tensors (and, but with
+        --allow-crimes, be of the same kind in their configs)."""
+        rows = []
+        for src in sl.sources:
+            m = self.meta(src.model)
+            rows.append((src.model, m, src.layer_range[0] + offset))
+        (ref0, _, i0), suffixes = rows[0], rows[0][1].layout.suffixes(rows[0][2])
+        for ref, m, i in rows[1:]:
+            other = m.layout.suffixes(i)
+            if set(other) != set(suffixes):
+                only0 = sorted(set(suffixes) - set(other))
+                only1 = sorted(set(other) - set(suffixes))
+                raise UserError(
+                    f"layer {i0} of {ref0} and layer {i} of {ref} have different tensors (only in the first: "
+                    f"{_few(only0)}; only in the second: {_few(only1)}); layers of different structure cannot "
+                    "be merged", source=self.recipe.source)
+        check_same_layers([(f"layer {i} of {ref}", self._layer_values(m), i) for ref, m, i in rows],
+                          self.allow_crimes)
+        return suffixes
+
+    def _check_packed(self, donor: _ModelMeta, stack: list[tuple[ModelRef, int]]) -> None:
+        """Tensors packing one block per layer would need their blocks restacked: refused (not silently wrong)."""
+        if stack == [(donor.ref, i) for i in range(donor.layout.num_layers)]:
+            return
+        for name in donor.layout.pre + donor.layout.post:
+            shape = tuple(donor.index[name].shape)
+            if packed_per_layer(name, shape, donor.layout.num_layers):
+                raise UserError(f"tensor {name} {list(shape)} packs one block per layer of {donor.ref}; a slice or "
+                                "stack that changes the layers would need its blocks rearranged, which is not "
+                                "supported", source=self.recipe.source)
+
+    def _layer_values(self, m: _ModelMeta) -> dict[str, list]:
+        if m.ref not in self._values:
+            self._values[m.ref] = layer_values(m.config)
+        return self._values[m.ref]
 
     def _check_architectures(self) -> None:
         if self.allow_crimes:
@@ -316,6 +361,8 @@ class Planner:
                             source=recipe.source)
         first_dtype = metas[0][2].dtype
         non_float = not first_dtype.is_floating_point
+        if any(not tm.dtype.is_floating_point for _, _, tm in metas):
+            _check_buffer(out_name, metas, recipe.source)
         # Non-float buffers (integer position ids, masks) are copied from the first input, not merged.
         planned = get_method("copy", internal=True) if non_float else method
         planned.check_inputs(len(metas), base_index is not None, where=out_name, source=recipe.source)
@@ -383,22 +430,20 @@ class Planner:
                             source=self.recipe.source)
         return p.default
 
-    def _out_config(self, donor: _ModelMeta, num_layers: int) -> dict:
-        import copy
-
-        cfg = copy.deepcopy(donor.config)
-        key = layer_count_key(cfg)
-        if key and not self.recipe.from_models:
-            set_config_value(cfg, key, num_layers)
+    def _out_config(self, donor: _ModelMeta, stack: list[tuple[ModelRef, int]]) -> dict:
+        """The donor's config.json for the output; for slices, every per-layer field (layer count, layer types,
+        MoE layers ...) rewritten from the layers each output layer comes from (see layer_config)."""
+        if self.recipe.from_models:
+            cfg = copy.deepcopy(donor.config)
+        else:
+            cfg = stack_layer_fields(donor.config, self._layer_values(donor),
+                                     [(self._layer_values(self.meta(ref)), i) for ref, i in stack],
+                                     [f"layer {i} of {ref}" for ref, i in stack])
         dtype = self.recipe.out_dtype or self.recipe.dtype
         if dtype:
             cfg["torch_dtype"] = dtype
             if "dtype" in cfg:
                 cfg["dtype"] = dtype
-        # per-layer lists (e.g. layer_types) must follow the new layer count
-        for k, v in list(cfg.items()):
-            if isinstance(v, list) and k in ("layer_types",) and len(v) != num_layers and v:
-                cfg[k] = [v[i % len(v)] for i in range(num_layers)]
         return cfg
 
     def _shard(self, tensors: list[PlannedTensor]) -> tuple[list[PlannedTensor], list[Shard]]:
@@ -416,6 +461,25 @@ class Planner:
         shards = [Shard(i, f"model-{i + 1:05d}-of-{n:05d}.safetensors", [t.name for t in g],
                         sum(t.out_bytes for t in g)) for i, g in enumerate(groups)]
         return [dataclasses.replace(t, shard=i) for i, g in enumerate(groups) for t in g], shards
+
+
+def _check_buffer(out_name: str, metas: list[tuple[ModelRef, str, TensorMeta]], source) -> None:
+    """Integer and bool tensors are never merged as numbers (mergekit's rule): one that every input holds
+    identically (a buffer: position ids, a mask) is copied; anything else (quantized weights) is refused."""
+    kinds = ", ".join(f"{dtype_name(tm.dtype)} in {ref}" for ref, _, tm in metas)
+    if any(tm.dtype.is_floating_point for _, _, tm in metas):
+        raise UserError(f"tensor {out_name} mixes integer and floating-point dtypes ({kinds}); "
+                        "integer tensors cannot be merged", source=source)
+    if len(metas) > 1 and not same_data([(name, tm) for _, name, tm in metas]):
+        raise UserError(f"tensor {out_name} has dtype {dtype_name(metas[0][2].dtype)} and differs between the "
+                        f"models ({kinds}); integer tensors (quantized weights?) cannot be merged, only a buffer "
+                        "every model holds identically is copied", source=source)
+
+
+def _few(names: list[str], n: int = 4) -> str:
+    if not names:
+        return "none"
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _natural_key(name: str):
