@@ -17,10 +17,7 @@ import torch
 
 from ray_merge.io.tokenizers import TOKENIZER_FILES
 from ray_merge.io.writer import ShardWriter
-from ray_merge.output.staging import (
-    check_output_location,
-    staging_dir,
-)
+from ray_merge.output.staging import LOCK, check_output_location, lock_staging, staging_dir
 
 
 def begin_output(out_dir: str) -> str:
@@ -28,6 +25,8 @@ def begin_output(out_dir: str) -> str:
 
     stage = staging_dir(check_output_location(out_dir))
     if os.path.isdir(stage):  # an interrupted run of a tool without resume: start over
+        if os.path.exists(os.path.join(stage, LOCK)):
+            lock_staging(stage).close()  # fails, naming the run, while a merge is writing there
         shutil.rmtree(stage)
     os.makedirs(stage)
     return stage

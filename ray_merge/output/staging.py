@@ -90,7 +90,7 @@ def prepare_output(out_dir: str, plan: Plan, *, resume: bool) -> Staging:
             os.mkdir(stage)
         except OSError as e:
             raise UserError(f"cannot create the staging directory: {e.strerror}", source=stage)
-        lock = _lock(stage)
+        lock = lock_staging(stage)
         try:
             with open(os.path.join(stage, FINGERPRINT), "w") as f:
                 f.write(plan.fingerprint)
@@ -100,7 +100,7 @@ def prepare_output(out_dir: str, plan: Plan, *, resume: bool) -> Staging:
             lock.close()
             raise
         return Staging(stage, lock, {})
-    lock = _lock(stage)
+    lock = lock_staging(stage)
     try:
         if not resume:
             raise UserError(f"an interrupted merge left {stage}; rerun with --resume to finish it, or remove it")
@@ -121,7 +121,7 @@ def _check_space(out_dir: str, need: int) -> None:
         raise UserError(f"not enough disk space at {parent}: need {need / 1e9:.2f} GB, have {free / 1e9:.2f} GB")
 
 
-def _lock(stage: str):
+def lock_staging(stage: str):
     """Take the staging directory's lock (the open lock file), or fail naming the run that holds it."""
     path = os.path.join(stage, LOCK)
     try:
