@@ -26,14 +26,19 @@ TOP_KEYS = {"genome", "tasks", "search", "evaluation", "seed", "name",
 GENOME_KEYS = {"models", "merge_method", "base_model", "tokenizer_source", "tokenizer", "chat_template",
                "layer_granularity", "normalize", "allow_negative_weights", "smooth", "filters",
                "parameters", "dtype", "out_dtype"}
-SEARCH_KEYS = {"popsize", "sigma0", "max_fevals", "seed", "random_init", "cma_options"}
+SEARCH_KEYS = {"popsize", "sigma0", "max_fevals", "max_time_s", "patience", "seed", "random_init", "cma_options"}
 EVAL_KEYS = {"backend", "workers", "num_cpus", "num_gpus", "device", "merge_device", "dtype", "batch_size",
              "limit", "num_fewshot", "apply_chat_template", "fewshot_as_multiturn", "system_instruction",
              "include_paths", "lm_eval", "model_args", "vllm_python", "in_flight", "score_inputs",
-             "torch_threads"}
+             "torch_threads", "timeout_s"}
 TASK_KEYS = {"name", "weight", "metric"}
 BOUND_KEYS = {"min", "max", "init"}
 BACKENDS = ("hf", "vllm")
+# mergekit-evolve sets normalize: true for these methods when the genome leaves it unset
+NORMALIZED_BY_DEFAULT = ("ties", "dare_ties", "linear")
+# mergekit-evolve refuses tasks with these prefixes (common benchmarks' test sets) unless told otherwise
+BENCHMARK_PREFIXES = ("mmlu", "hendrycks", "agieval", "gsm8k", "hellaswag", "winogrande", "arc_", "ai2_arc",
+                      "truthfulqa", "bigbench", "piqa", "openbookqa", "leaderboard")
 # simple_evaluate arguments ray-merge sets itself (the rest pass through `evaluation.lm_eval`)
 RESERVED_LM_EVAL = {"model", "model_args", "tasks", "task_manager", "limit", "num_fewshot", "batch_size",
                     "device", "apply_chat_template", "fewshot_as_multiturn", "system_instruction"}
@@ -81,6 +86,8 @@ class SearchConfig:
     popsize: Optional[int] = None  # None: cma's default, 4 + 3 ln(dimension)
     sigma0: float = 1 / 6  # in units of each parameter's range
     max_fevals: int = 100
+    max_time_s: Optional[float] = None  # wall-clock budget of a session: stop after the generation that passes it
+    patience: Optional[int] = None  # stop after this many generations without a better best
     seed: int = 0
     random_init: bool = False
     cma_options: dict = field(default_factory=dict)
@@ -108,6 +115,7 @@ class EvalConfig:
     in_flight: int = 2  # candidates per evaluator at once: one evaluating, the next being built
     score_inputs: bool = True  # also score every input model (reported next to the search's best)
     torch_threads: Optional[int] = None  # default: the actor's CPUs
+    timeout_s: Optional[float] = None  # per evaluation: a candidate past it is retried once elsewhere, then failed
 
 
 @dataclass
@@ -173,6 +181,8 @@ def config_from_dict(data: dict, source: str = "<config>", base_dir: Optional[st
         popsize=_opt_int(search_raw.get("popsize"), "search.popsize", err, minimum=2),
         sigma0=_float(search_raw.get("sigma0", 1 / 6), "search.sigma0", err, positive=True),
         max_fevals=_int(search_raw.get("max_fevals", 100), "search.max_fevals", err, minimum=1),
+        max_time_s=_opt_float(search_raw.get("max_time_s"), "search.max_time_s", err),
+        patience=_opt_int(search_raw.get("patience"), "search.patience", err, minimum=1),
         seed=_int(search_raw.get("seed", seed), "search.seed", err),
         random_init=_bool(search_raw.get("random_init", False), "search.random_init", err),
         cma_options=_mapping(search_raw.get("cma_options"), "search.cma_options", err),
@@ -231,6 +241,11 @@ def _float(v: Any, key: str, err, positive: bool = False) -> float:
     if positive and v <= 0:
         raise err(key, f"must be positive, got {v}")
     return float(v)
+
+
+def _opt_float(v: Any, key: str, err) -> Optional[float]:
+    """None, or a positive number."""
+    return None if v is None else _float(v, key, err, positive=True)
 
 
 def _bool(v: Any, key: str, err) -> bool:
@@ -359,6 +374,8 @@ def _genome(g: Any, base_dir: str, err) -> GenomeConfig:
             searched[name] = Bounds(lo, hi, init)
         else:
             fixed[name] = spec
+    if normalize is None and method.name in NORMALIZED_BY_DEFAULT:
+        normalize = True  # mergekit-evolve's default for these methods
     if normalize is not None and "normalize" in known and "normalize" not in fixed:
         fixed["normalize"] = normalize
 
@@ -486,4 +503,16 @@ def _evaluation(ev: dict, base_dir: str, err) -> EvalConfig:
         in_flight=_int(ev.get("in_flight", 2), "evaluation.in_flight", err, minimum=1),
         score_inputs=_bool(ev.get("score_inputs", True), "evaluation.score_inputs", err),
         torch_threads=_opt_int(ev.get("torch_threads"), "evaluation.torch_threads", err, minimum=1),
+        timeout_s=_opt_float(ev.get("timeout_s"), "evaluation.timeout_s", err),
     )
+
+
+def check_benchmark_tasks(cfg: EvolveConfig, allowed: bool) -> None:
+    """mergekit-evolve's guard: optimising against a common benchmark's test set needs an explicit flag."""
+    if allowed:
+        return
+    for i, t in enumerate(cfg.tasks):
+        if t.name.startswith(BENCHMARK_PREFIXES) and not t.name.endswith("_train"):
+            raise UserError(f"{t.name} is a common benchmark: optimising against it games the benchmark; pass "
+                            "--allow-benchmark-tasks (mergekit-evolve: --i-understand-the-depths-of-the-evils-"
+                            "i-am-unleashing) to do it anyway", source=cfg.source, key=f"tasks[{i}]")

@@ -3,7 +3,9 @@
 Which parameters are searched comes from the merge method's registry entry (ray_merge.methods: ``Param``
 specs), not from a table here:
 
-- searched by default: every float parameter that is per-model, or that the method requires (slerp's ``t``);
+- searched by default: for mergekit-evolve's methods, the genes it defines (``MERGEKIT_GENES``: linear and
+  task_arithmetic their weights, ties and dare_ties weight and density, slerp ``t``); for any other method,
+  every float parameter that is per-model, or that the method requires;
 - ``genome.parameters.NAME: {min, max, init}`` searches any float or integer parameter within those bounds;
 - ``genome.parameters.NAME: VALUE`` fixes a parameter (it is written into every recipe, not searched).
 
@@ -13,9 +15,11 @@ in mergekit-evolve. Per-model parameters that only non-base models take (``Param
 the base model. Each gene is a coordinate in [0, 1] that maps linearly onto the parameter's bounds, so
 CMA-ES's ``sigma0`` is in units of each parameter's range.
 
-Default bounds: ``weight`` [0, 1] ([-1, 1] with ``allow_negative_weights``); any other parameter [0, 1], or
-[0, 2 x default] when its default is above 1. Initial value: ``init``, else the method's default, else 1/N
-for per-model parameters (N models with a gene), else the middle of the bounds.
+Default bounds: ``weight`` [0, 1] ([-1, 1] with ``allow_negative_weights``: mergekit-evolve takes the absolute
+value of weights unless negative ones are allowed, so without it they are never negative); any other parameter
+[0, 1], or [0, 2 x default] when its default is above 1; each within the range the method accepts. Initial
+value: ``init``, else the method's default, else 1/N for per-model parameters (N models with a gene), else
+the middle of the bounds.
 """
 from __future__ import annotations
 
@@ -30,6 +34,11 @@ from ray_merge.errors import UserError
 from ray_merge.io.models import ModelRef, read_config, resolve_model_dir
 from ray_merge.methods import get_method
 from ray_merge.planner.architecture import get_config_value, layer_count_key
+
+
+# the parameters mergekit-evolve searches for the methods it supports (its genome's METHOD_PARAM_MAPS)
+MERGEKIT_GENES = {"linear": ("weight",), "task_arithmetic": ("weight",), "ties": ("weight", "density"),
+                  "dare_ties": ("weight", "density"), "slerp": ("t",)}
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,9 @@ class Genome:
                 continue
             bounds = cfg.searched.get(p.name)
             if bounds is None:
+                default_genes = MERGEKIT_GENES.get(self.method.name)
+                if default_genes is not None and p.name not in default_genes:
+                    continue
                 if p.kind is not float or not (p.per_model or p.required):
                     continue
             elif p.kind not in (float, int):
@@ -315,12 +327,19 @@ class Genome:
 
 
 def _default_bounds(p, allow_negative: bool) -> tuple[float, float, Optional[float]]:
+    """[0, 1] (weights: [-1, 1] with allow_negative_weights; a default above 1: [0, 2 x default]), within the
+    range the method accepts (``Param.min`` / ``max``)."""
     if p.name == "weight":
-        return (-1.0 if allow_negative else 0.0), 1.0, None
-    d = p.default
-    if isinstance(d, (int, float)) and not isinstance(d, bool) and d > 1:
-        return 0.0, 2.0 * float(d), None
-    return 0.0, 1.0, None
+        lo, hi = (-1.0 if allow_negative else 0.0), 1.0
+    else:
+        d = p.default
+        big = isinstance(d, (int, float)) and not isinstance(d, bool) and d > 1
+        lo, hi = 0.0, (2.0 * float(d) if big else 1.0)
+    if p.min is not None:
+        lo = max(lo, float(p.min))
+    if p.max is not None:
+        hi = min(hi, float(p.max))
+    return lo, hi, None
 
 
 def _short(model: str) -> str:

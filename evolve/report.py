@@ -1,4 +1,5 @@
-"""The search's report: progress.png, best_params.png and a one-screen summary.txt (matplotlib, Agg)."""
+"""The search's report: progress.png, best_params.png and a one-screen summary.txt (matplotlib, Agg),
+rewritten after every generation and at the end."""
 from __future__ import annotations
 
 import os
@@ -30,64 +31,111 @@ def worker_utilisation(history: list[dict], session: Optional[str] = None) -> di
     return per
 
 
-def plot_progress(path: str, history: list[dict], inputs: list[dict]) -> None:
+def _generation_starts(hist: list[dict]) -> list[tuple[int, int]]:
+    """(evaluation number, generation) where each generation's first evaluation lies."""
+    starts: dict[int, int] = {}
+    for i, r in enumerate(hist, 1):
+        g = r.get("generation")
+        if g is not None and g not in starts:
+            starts[g] = i
+    return sorted((i, g) for g, i in starts.items())
+
+
+def plot_progress(path: str, history: list[dict], inputs: list[dict], tasks: Optional[list[str]] = None) -> None:
+    """The combined score against evaluations (each candidate, the best so far, the inputs as lines), then one
+    panel per task (each candidate's metric and the best so far on that task); generations marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     hist = sorted(history, key=lambda r: r.get("eval_number", 0))
-    xs, ys, fx, best, bx = [], [], [], [], []
-    cur = -np.inf
-    for i, r in enumerate(hist, 1):
-        if r.get("status") == "ok":
-            xs.append(i)
-            ys.append(r["score"])
-            cur = max(cur, r["score"])
-        else:
-            fx.append(i)
-        if np.isfinite(cur):
-            bx.append(i)
-            best.append(cur)
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    ax.scatter(xs, ys, s=14, alpha=0.6, label="candidate", color="tab:blue")
-    ax.step(bx, best, where="post", color="tab:red", lw=2, label="best so far")
-    if fx:
-        lo = min(ys) if ys else 0.0
-        ax.scatter(fx, [lo] * len(fx), marker="x", color="black", label="failed")
+    tasks = list(tasks or [])
+    fig, axes = plt.subplots(1 + len(tasks), 1, figsize=(8, 4.5 + 2.2 * len(tasks)), dpi=110, sharex=True,
+                             gridspec_kw={"height_ratios": [2] + [1] * len(tasks)}, squeeze=False)
+    axes = axes[:, 0]
     colors = ["tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:gray", "tab:olive"]
-    for j, r in enumerate(r for r in inputs if r.get("status") == "ok"):
-        ax.axhline(r["score"], ls="--", lw=1, color=colors[j % len(colors)],
-                   label=f"input {r['id'].split(':', 1)[-1]}")
-    ax.set_xlabel("evaluation")
-    ax.set_ylabel("combined score")
-    ax.set_title("evolutionary merge search")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ok_inputs = [r for r in inputs if r.get("status") == "ok"]
+    panels = [("combined score", lambda r: r["score"], lambda r: r["score"])]
+    panels += [(t, lambda r, t=t: (r.get("scores") or {}).get(t), lambda r, t=t: (r.get("scores") or {}).get(t))
+               for t in tasks]
+    for ax, (name, value, input_value) in zip(axes, panels):
+        xs, ys, fx, bx, best = [], [], [], [], []
+        cur = -np.inf
+        for i, r in enumerate(hist, 1):
+            v = value(r) if r.get("status") == "ok" else None
+            if v is None:
+                fx.append(i)
+            else:
+                xs.append(i)
+                ys.append(v)
+                cur = max(cur, v)
+            if np.isfinite(cur):
+                bx.append(i)
+                best.append(cur)
+        ax.scatter(xs, ys, s=14, alpha=0.6, label="candidate", color="tab:blue")
+        ax.step(bx, best, where="post", color="tab:red", lw=2, label="best so far")
+        if fx:
+            ax.scatter(fx, [min(ys) if ys else 0.0] * len(fx), marker="x", color="black", label="failed")
+        for j, r in enumerate(ok_inputs):
+            v = input_value(r)
+            if v is not None:
+                ax.axhline(v, ls="--", lw=1, color=colors[j % len(colors)], label=f"input {r['id'].split(':', 1)[-1]}")
+        starts = _generation_starts(hist)
+        for k, (i, g) in enumerate(starts):
+            ax.axvline(i - 0.5, color="0.6", lw=0.6, ls=":")
+            if ax is axes[0] and (len(starts) <= 12 or k % max(1, len(starts) // 12) == 0):
+                ax.text(i - 0.4, 1.0, f"g{g}", transform=ax.get_xaxis_transform(), fontsize=7, color="0.4",
+                        va="bottom")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("evolutionary merge search (dotted lines: generations)", pad=14)
+    axes[0].legend(fontsize=8, loc="lower right")
+    axes[-1].set_xlabel("evaluation")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
 def plot_best_params(path: str, genome, genotype) -> None:
+    """The best recipe's parameters: a heat map over the layers when they vary by layer group, else one bar
+    per value (a single group: each value holds for the whole model, not per layer)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels, table = genome.layer_table(genotype)
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 + 0.55 * table.shape[1]), max(2.5, 0.9 + 0.45 * len(labels))),
-                           dpi=110)
-    im = ax.imshow(table, aspect="auto", cmap="viridis")
-    ax.set_yticks(range(len(labels)), labels, fontsize=8)
-    ax.set_xticks(range(table.shape[1]), [str(i) for i in range(table.shape[1])], fontsize=8)
-    ax.set_xlabel("layer")
-    ax.set_title("best recipe's parameters by layer")
-    if table.size <= 400:
-        for (i, j), v in np.ndenumerate(table):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if v < (table.min() + table.max()) / 2 else "black")
-    fig.colorbar(im, ax=ax)
+    if genome.n_groups == 1:
+        values = genome.values(genotype)
+        labels = [genome.gene_label(g) for g in genome.genes]
+        vals = [values[g] for g in genome.genes]
+        fig, ax = plt.subplots(figsize=(7, max(2.5, 0.9 + 0.35 * len(labels))), dpi=110)
+        ax.barh(range(len(labels)), vals, color="tab:blue")
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.invert_yaxis()
+        for i, v in enumerate(vals):
+            ax.text(v, i, f" {v:.3f}", va="center", fontsize=7)
+        ax.axvline(0, color="black", lw=0.6)
+        ax.set_xlabel("parameter value (one value for the whole model)")
+        ax.set_title("best recipe's parameters")
+    else:
+        labels, table = genome.layer_table(genotype)
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 + 0.55 * table.shape[1]), max(2.5, 0.9 + 0.45 * len(labels))),
+                               dpi=110)
+        im = ax.imshow(table, aspect="auto", cmap="viridis")
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_xticks(range(table.shape[1]), [str(i) for i in range(table.shape[1])], fontsize=8)
+        for g in range(1, genome.n_groups):
+            if not genome.cfg.smooth:
+                ax.axvline(g * genome.step - 0.5, color="white", lw=1)
+        ax.set_xlabel("layer" + (" (interpolated between layer groups)" if genome.cfg.smooth else
+                                 f" (groups of {genome.step})"))
+        ax.set_title("best recipe's parameters by layer")
+        if table.size <= 400:
+            for (i, j), v in np.ndenumerate(table):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if v < (table.min() + table.max()) / 2 else "black")
+        fig.colorbar(im, ax=ax, label="parameter value")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -142,7 +190,7 @@ def write_report(storage, genome, cfg, summary: dict) -> str:
     history = storage.read_history()
     inputs = storage.read_inputs()
     if history:
-        plot_progress(storage.file("progress.png"), history, inputs)
+        plot_progress(storage.file("progress.png"), history, inputs, [t.name for t in cfg.tasks])
         ok = [r for r in history if r.get("status") == "ok"]
         if ok:
             best = max(ok, key=lambda r: r["score"])

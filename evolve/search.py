@@ -5,12 +5,19 @@ One evaluator actor per GPU (per CPU slot without GPUs), driven by ray_merge's `
 holds ``in_flight`` candidates (one scoring, the next one merging). A candidate whose evaluation fails is
 retried once on another actor, then recorded as failed with its error and given a fitness worse than any
 seen. An actor that dies is replaced; each candidate it held counts a failed attempt (which one killed it
-is unknown) and is retried elsewhere.
+is unknown) and is retried elsewhere. A candidate that runs past ``evaluation.timeout_s`` has hung its
+actor: the actor is killed and replaced (its other candidates go back to the queue, not counted as failed),
+and the candidate is retried once on another actor, then recorded as failed ("timed out after N s"). A
+replacement actor starts in the background: nothing waits for it.
 
-After every generation the CMA-ES state is checkpointed (the ``cma`` object pickled after the next ``ask``,
-with that generation's population and ids and numpy's and Python's RNG states), so ``--resume`` continues a
-killed search where it stopped: candidates of the interrupted generation already in history.jsonl are
-reused, the others evaluated, and no finished evaluation is lost or repeated.
+After every generation the CMA-ES state is checkpointed (evolve.searcher: numbers only, no pickle), the
+report (plots, summary) rewritten and the generation logged to TensorBoard (evolve.tracking), so
+``--resume`` continues a killed search where it stopped: candidates of the interrupted generation already in
+history.jsonl are reused, the others evaluated, and no finished evaluation is lost or repeated.
+
+The search stops at the end of the generation that reaches ``max_fevals``, passes the session's wall-clock
+budget (``search.max_time_s``: resumable), ends ``search.patience`` generations without a better best, or
+meets one of cma's own stop conditions.
 """
 from __future__ import annotations
 
@@ -30,11 +37,13 @@ from evolve.genome import Genome
 from evolve.report import write_report
 from evolve.scoring import combined_score, format_exception
 from evolve.searcher import Searcher
-from evolve.storage import Storage
+from evolve.storage import CHECKPOINT, Storage
+from evolve.tracking import Tracker
+from ray_merge.engine import run_merge
 from ray_merge.errors import UserError
 from ray_merge.execute.ray.pool import WorkPool
 from ray_merge.execute.ray.session import ray_session
-from ray_merge.options import WorkerSpec
+from ray_merge.options import MergeOptions, WorkerSpec
 from ray_merge.planner.plan import plan_recipe
 from ray_merge.recipe.load import recipe_from_dict
 
@@ -62,6 +71,12 @@ class RunOptions:
     popsize: Optional[int] = None
     sigma0: Optional[float] = None
     seed: Optional[int] = None
+    max_time_s: Optional[float] = None  # default: the config's search.max_time_s
+    patience: Optional[int] = None  # default: the config's search.patience
+    eval_timeout_s: Optional[float] = None  # default: the config's evaluation.timeout_s
+    wandb: Optional[dict] = None  # wandb.init's project / entity: log to Weights & Biases too
+    allow_crimes: bool = False
+    save_final_model: bool = False  # merge the best recipe into STORAGE/final_model at the end
 
 
 def _say(opts: RunOptions, msg: str) -> None:
@@ -76,7 +91,7 @@ class EvaluatorPool:
     """``n`` evaluator actors; ``run`` evaluates candidates with ``in_flight`` per actor and one retry."""
 
     def __init__(self, spec: dict, n: int, num_cpus: float, num_gpus: float, in_flight: int,
-                 say: Callable[[str], None], evaluator_cls: type = Evaluator):
+                 say: Callable[[str], None], evaluator_cls: type = Evaluator, timeout_s: Optional[float] = None):
         self.spec = spec
         self.n = n
         self.num_cpus = num_cpus
@@ -87,8 +102,11 @@ class EvaluatorPool:
         self.pool: Optional[WorkPool] = None
         self.names: list[str] = []
         self.infos: list[dict] = []
+        self.timeout_s = timeout_s
         self.restarts = 0
         self._submitted: dict[str, float] = {}  # candidate id -> when it was last handed to an actor
+        self._held: set[str] = set()  # ids of the candidates handed to an actor and not settled yet
+        self._setups: dict[int, object] = {}  # actor index -> setup ref of a replacement starting up
 
     def _new_actor(self, name: str):
         import ray
@@ -99,13 +117,15 @@ class EvaluatorPool:
 
     def _submit(self, actor, c: Candidate):
         self._submitted[c.id] = time.time()
+        self._held.add(c.id)
         return actor.evaluate.remote(c.id, c.recipe)
 
     def start(self) -> None:
         import ray
 
         self.names = [f"eval-{i}" for i in range(self.n)]
-        self.pool = WorkPool([self._new_actor(name) for name in self.names], self._submit, slots=self.in_flight)
+        self.pool = WorkPool([self._new_actor(name) for name in self.names], self._submit, slots=self.in_flight,
+                             timeout_s=self.timeout_s)
         refs = [a.setup.remote() for a in self.pool.actors]
         try:
             self.infos = ray.get(refs, timeout=float(os.environ.get("RAY_MERGE_EVOLVE_SETUP_TIMEOUT", 900)))
@@ -115,13 +135,15 @@ class EvaluatorPool:
         except Exception as e:  # noqa: BLE001 - a setup error: one line, no traceback
             raise UserError(f"an evaluator failed to start: {format_exception(e)}", source=self.spec["source"])
 
-    def _replace(self, i: int) -> list[Candidate]:
-        """A new actor in place of dead actor ``i``; returns the candidates the dead one still held."""
+    def _replace(self, i: int, why: str) -> list[Candidate]:
+        """Kill actor ``i`` and start a new one in its place; returns the candidates the old one held.
+
+        The new actor sets itself up in the background and takes candidates once it is ready: nothing waits."""
         import ray
 
         self.restarts += 1
         name = f"{self.names[i].split('~')[0]}~{self.restarts}"
-        self.say(f"evaluator {self.names[i]} died; starting {name}")
+        self.say(f"{why}; starting {name}")
         try:
             ray.kill(self.pool.actors[i])
         except Exception:  # noqa: BLE001
@@ -129,18 +151,42 @@ class EvaluatorPool:
         self.names[i] = name
         actor = self._new_actor(name)
         lost = self.pool.replace(i, actor)
+        self._setups[i] = actor.setup.remote()
+        for c in lost:
+            self._held.discard(c.id)
+        return lost
+
+    def _ready(self, i: int, wait: bool = False) -> bool:
+        """Whether actor ``i`` has finished setting up (``wait``: wait for it). A failed set-up is fatal."""
+        import ray
+
+        ref = self._setups.get(i)
+        if ref is None:
+            return True
+        if not wait and not ray.wait([ref], timeout=0)[0]:
+            return False
+        del self._setups[i]
         try:
-            self.infos[i] = ray.get(actor.setup.remote())
+            self.infos[i] = ray.get(ref, timeout=float(os.environ.get("RAY_MERGE_EVOLVE_SETUP_TIMEOUT", 900)))
         except Exception as e:  # noqa: BLE001
             raise UserError(f"a replacement evaluator failed to start: {format_exception(e)}",
                             source=self.spec["source"])
-        return lost
+        return True
 
     def run(self, cands: list[Candidate], on_done: Callable[[Candidate, Optional[dict], Optional[str]], None]):
         """Evaluate ``cands``; ``on_done(candidate, result or None, error or None)`` as each finishes."""
         queue = list(cands)
+        while True:
+            self._run(queue, on_done)
+            if not queue:
+                return
+            for i in list(self._setups):  # what is left waits for replacement actors to start
+                self._ready(i, wait=True)
 
+    def _run(self, queue: list[Candidate], on_done) -> None:
         def next_item(i: int) -> Optional[Candidate]:
+            if not self._ready(i):
+                return None
             # The pool fills one actor after the other: an actor takes no more than its share of what is in
             # flight and queued, so a short queue is spread over the actors.
             live = self.pool.live()
@@ -156,6 +202,8 @@ class EvaluatorPool:
         died = ""
         for out in self.pool.outcomes(next_item):
             worker = self.names[out.actor]
+            if out.item is not None and out.kind != "timeout":
+                self._held.discard(out.item.id)
             if out.kind == "result":
                 c, res = out.item, out.value
                 res["timings"]["queue_s"] = res["timings"]["start"] - self._submitted[c.id]
@@ -168,8 +216,17 @@ class EvaluatorPool:
                 self._failed(out.item, worker, died, queue, on_done)
             elif out.kind == "actor_gone":
                 # which of its candidates killed it is unknown: each one it held counts the failed attempt
-                for c in self._replace(out.actor):
+                for c in self._replace(out.actor, f"evaluator {worker} died"):
                     self._failed(c, worker, died, queue, on_done)
+            elif out.kind == "timeout":
+                c = out.item
+                if c.id not in self._held:  # already taken back with an actor replaced before
+                    continue
+                # the actor is stuck in it: kill and replace it; the others it held were not at fault
+                others = [o for o in self._replace(out.actor, f"evaluator {worker} hung on candidate {c.id}")
+                          if o is not c]
+                queue[:0] = others
+                self._failed(c, worker, f"timed out after {self.timeout_s:g} s", queue, on_done)
 
     def _failed(self, c: Candidate, worker: str, err: str, queue: list, on_done) -> None:
         c.attempts.append({"worker": worker, "error": err})
@@ -184,6 +241,12 @@ class EvaluatorPool:
     def stats(self) -> list[dict]:
         import ray
 
+        for i, ref in list(self._setups.items()):  # the replacements' descriptions
+            try:
+                self.infos[i] = ray.get(ref, timeout=30)
+            except Exception as e:  # noqa: BLE001
+                self.infos[i] = {"worker": self.names[i], "error": format_exception(e), "setup_s": 0.0}
+        self._setups.clear()
         try:
             return ray.get([a.stats.remote() for a in self.pool.actors], timeout=30)
         except Exception:  # noqa: BLE001
@@ -227,6 +290,7 @@ def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions, evaluator
     """Run (or resume) the search. Returns the summary dict the report prints.
 
     ``evaluator_cls``: the evaluator actor's class (``Evaluator``, or a subclass of it)."""
+    t_start = time.time()
     storage = Storage(storage_path)
     storage.start(cfg, resume=opts.resume)
     genome = Genome.from_config(cfg.genome, cfg.source)
@@ -235,63 +299,83 @@ def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions, evaluator
                         "parameter)", source=cfg.source, key="genome")
     say = lambda m: _say(opts, m)  # noqa: E731
     max_fevals = opts.max_fevals or cfg.search.max_fevals
+    max_time_s = opts.max_time_s or cfg.search.max_time_s
+    patience = opts.patience or cfg.search.patience
     session = uuid.uuid4().hex[:8]
 
     # The first recipe is planned here: a recipe the planner rejects fails now, with one line.
     first_recipe = genome.to_recipe(genome.initial())
-    plan_recipe(recipe_from_dict(first_recipe, source=f"{cfg.source} (genome -> recipe)"), seed=cfg.seed)
+    plan_recipe(recipe_from_dict(first_recipe, source=f"{cfg.source} (genome -> recipe)"), seed=cfg.seed,
+                allow_crimes=opts.allow_crimes)
 
     history = storage.read_history() if opts.resume else []
     done_by_id = {r["id"]: r for r in history}
-    state = storage.load_checkpoint() if opts.resume else None
-    if state is None:
+    loaded = storage.load_checkpoint() if opts.resume else None
+    if loaded is None:
         searcher = Searcher.start(genome, cfg.search, cfg.source, seed=opts.seed, popsize=opts.popsize,
                                   sigma0=opts.sigma0)
         generation = 0
-        population = None
     else:
-        searcher = Searcher.restore(state)
-        generation = state["generation"]
-        population = [np.asarray(x) for x in state["population"]] if state.get("population") is not None else None
+        meta, arrays = loaded
+        searcher = Searcher.restore(meta, arrays, storage.file(CHECKPOINT), cfg.search.cma_options)
+        generation = meta.get("generation")
+        if not isinstance(generation, int) or generation < 0 or searcher.es.N != genome.dim:
+            raise UserError(f"the checkpoint does not belong to this genome ({genome.dim} genes)",
+                            source=storage.file(CHECKPOINT))
         say(f"resuming at generation {generation}: {len(history)} evaluation(s) in the history")
-
-    def checkpoint(pop, ids):
-        storage.save_checkpoint({**searcher.state(), "generation": generation,
-                                 "population": [list(map(float, x)) for x in pop] if pop is not None else None,
-                                 "ids": ids, "fevals": len(done_by_id), "session": session})
-
-    unsaved = False  # a new generation is checkpointed once the evaluators are up (a failed start leaves none)
-    if population is None and len(done_by_id) < max_fevals and not searcher.stop():
-        population = searcher.ask()
-        unsaved = True
+    population = searcher.pending
 
     best = None
     for r in history:
         if r.get("status") == "ok" and (best is None or r["score"] > best["score"]):
             best = r
 
+    def stop_reason() -> Optional[str]:
+        """Why the search ends here, after the generations done (None: it goes on)."""
+        if len(done_by_id) >= max_fevals:
+            return "max_fevals"
+        if patience and best is not None and generation - 1 - best["generation"] >= patience:
+            return f"patience ({patience} generations without a better best)"
+        stop = searcher.stop()
+        return ", ".join(f"{k}" for k in stop) if stop else None
+
+    def checkpoint() -> None:
+        meta, arrays = searcher.state()
+        meta.update(generation=generation, fevals=len(done_by_id), session=session,
+                    ids=_ids(generation, len(population)) if population is not None else None)
+        storage.save_checkpoint(meta, arrays)
+
+    unsaved = False  # a new generation is checkpointed once the evaluators are up (a failed start leaves none)
+    finished = stop_reason() if population is None else None
+    if population is None and finished is None:
+        population = searcher.ask()
+        unsaved = True
+
     ev = cfg.evaluation
     spec = {"evaluation": {**ev.__dict__}, "tasks": [t.__dict__ for t in cfg.tasks], "seed": cfg.seed,
-            "first_recipe": first_recipe, "source": cfg.source}
+            "first_recipe": first_recipe, "source": cfg.source, "allow_crimes": opts.allow_crimes}
     ray_spec = WorkerSpec(workers=opts.workers or ev.workers, address=opts.address, cpus=ev.num_cpus)
-    t_start = time.time()
-    summary: dict = {}
+    summary: dict = {"session": session}
     pool = None
     work = population is not None or (ev.score_inputs and bool(_input_candidates(cfg, storage)))
     if not work:
-        say(f"nothing left to evaluate in {storage.path}: {len(done_by_id)} evaluation(s) done (raise "
-            "--max-fevals to continue the search)")
+        hint = "raise --max-fevals to continue the search" if finished == "max_fevals" else "stopped: " + finished
+        say(f"nothing left to evaluate in {storage.path}: {len(done_by_id)} evaluation(s) done ({hint})")
+        summary["stop_reason"] = finished
     else:
+        tracker = Tracker(storage.file("tensorboard"), say, opts.wandb, cfg.raw)
         with ray_session(ray_spec, opts.verbose):
             n, cpus, gpus = _cluster_workers(ev, opts.workers or ev.workers)
+            timeout_s = opts.eval_timeout_s or ev.timeout_s
             say(f"{genome.describe()}\nstarting {n} evaluator(s) ({ev.backend} backend, {cpus:g} CPU / "
-                f"{gpus:g} GPU each, {ev.in_flight} candidates in flight each)")
-            pool = EvaluatorPool(spec, n, cpus, gpus, ev.in_flight, say, evaluator_cls)
+                f"{gpus:g} GPU each, {ev.in_flight} candidates in flight each"
+                + (f", {timeout_s:g} s per evaluation at most)" if timeout_s else ")"))
+            pool = EvaluatorPool(spec, n, cpus, gpus, ev.in_flight, say, evaluator_cls, timeout_s)
             try:
                 pool.start()
                 say(f"evaluators ready in {max(i['setup_s'] for i in pool.infos):.1f}s")
                 if unsaved:
-                    checkpoint(population, _ids(generation, len(population)))
+                    checkpoint()
                 if ev.score_inputs:
                     _score_inputs(cfg, storage, pool, say)
 
@@ -311,6 +395,7 @@ def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions, evaluator
                     if res and (best is None or rec["score"] > best["score"]):
                         best = rec
                         storage.write_best(rec, len(done_by_id))
+                    tracker.evaluation(rec, best["score"] if best else None)
 
                 while population is not None:
                     ids = _ids(generation, len(population))
@@ -335,28 +420,38 @@ def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions, evaluator
                     worst = max([r["fitness"] for r in done_by_id.values() if r["status"] == "ok"])
                     fitness = [r["fitness"] if r["status"] == "ok" else worst + 1.0 for r in recs]
                     searcher.tell(population, fitness)
+                    tracker.generation(generation, recs, best["score"])
                     scores = [r["score"] for r in ok]
                     top = max(scores, default=float("nan"))
                     say(f"generation {generation}: {len(ok)}/{len(recs)} ok, best {top:.4f}"
                         f" mean {np.mean(scores) if scores else float('nan'):.4f}; best so far {best['score']:.4f} "
                         f"({best['id']}); {len(done_by_id)}/{max_fevals} evaluations; {time.time() - t_gen:.1f}s")
                     generation += 1
-                    stop = searcher.stop()
-                    if len(done_by_id) >= max_fevals or stop:
+                    reason = stop_reason()
+                    if reason is None and max_time_s and time.time() - t_start >= max_time_s:
+                        reason = f"max_time ({max_time_s:g} s; --resume continues)"
+                    if reason is not None:
                         population = None
-                        summary["stop_reason"] = ("max_fevals" if len(done_by_id) >= max_fevals
-                                                  else ", ".join(f"{k}" for k in stop))
+                        summary["stop_reason"] = reason
                     else:
                         population = searcher.ask()
-                    checkpoint(population, _ids(generation, len(population)) if population is not None else None)
+                    checkpoint()
+                    if opts.report:  # the live report: refreshed after every generation
+                        write_report(storage, genome, cfg, dict(summary, session_s=time.time() - t_start,
+                                                                stop_reason=reason or "running"))
                 summary["worker_stats"] = pool.stats()
                 summary["workers"] = pool.infos
                 summary["restarts"] = pool.restarts
             finally:
                 pool.close()
-    summary.setdefault("stop_reason", "max_fevals" if len(done_by_id) >= max_fevals else "already finished")
+                tracker.close()
+    summary.setdefault("stop_reason", stop_reason() or "already finished")
     summary["session_s"] = time.time() - t_start
-    summary["session"] = session
+    if opts.save_final_model and best is not None:
+        out = storage.file("final_model")
+        say(f"merging the best recipe ({best['id']}) into {out}")
+        run_merge(recipe_from_dict(best["recipe"], source=storage.file("best_config.yml")), out,
+                  MergeOptions(random_seed=cfg.seed, allow_crimes=opts.allow_crimes, quiet=opts.quiet))
     if opts.report:
         text = write_report(storage, genome, cfg, summary)
         if not opts.quiet:

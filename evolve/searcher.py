@@ -1,9 +1,17 @@
 """The CMA-ES side of the search: the ``cma`` strategy over the genome's [0, 1] box, ask / tell, and the
 state a checkpoint needs to continue exactly where it stopped.
 
-The state is the ``cma`` object itself (pickled) with numpy's and Python's global RNG states: ``cma``
-draws its samples from numpy's global generator, so both are saved after every ``ask`` and restored on
-resume, and a resumed search proposes the same candidates as an uninterrupted one.
+The state holds no object: it is what the strategy was started from (x0, sigma0, cma's options: JSON) and
+what it was told since (each generation's fitness), with numpy's RNG state before every ``ask`` (arrays).
+``restore`` starts a new strategy from the same x0, sigma0 and options and replays every ask / tell: CMA-ES
+is deterministic given its inputs and its random draws, so the replayed strategy is the saved one — mean,
+step size, covariance, evolution paths, counters and stop history alike — and nothing in a checkpoint is
+ever run as code. A replay that does not end where the saved strategy was (checked on the pending
+population, the mean and sigma) is an error, not a different search.
+
+``cma`` draws its samples from numpy's global generator: its state before each ``ask`` and at the time of
+the checkpoint is saved (and Python's ``random`` state), so a resumed search proposes the same candidates
+as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -18,16 +26,37 @@ from evolve.scoring import format_exception
 from ray_merge.errors import UserError
 
 
+def _rng_arrays(states: list) -> dict[str, np.ndarray]:
+    """numpy RNG states (``np.random.get_state()`` tuples) as plain arrays."""
+    return {"rng_key": np.array([s[1] for s in states], dtype=np.uint32).reshape(len(states), 624),
+            "rng_pos": np.array([s[2] for s in states], dtype=np.int64),
+            "rng_has_gauss": np.array([s[3] for s in states], dtype=np.int64),
+            "rng_cached_gaussian": np.array([s[4] for s in states], dtype=np.float64)}
+
+
+def _rng_state(arrays: dict, i: int) -> tuple:
+    return ("MT19937", np.asarray(arrays["rng_key"][i], dtype=np.uint32), int(arrays["rng_pos"][i]),
+            int(arrays["rng_has_gauss"][i]), float(arrays["rng_cached_gaussian"][i]))
+
+
 class Searcher:
-    def __init__(self, es):
+    def __init__(self, es, start: dict):
         self.es = es
+        self.start_args = start  # x0, sigma0, options: what the strategy was made from (JSON)
+        self.told: list[list[float]] = []  # each generation's fitness, in order
+        self.rng_before_ask: list[tuple] = []  # numpy's RNG state before each ask
+        self.pending: Optional[list[np.ndarray]] = None  # asked, not told yet
+
+    @staticmethod
+    def _make(start: dict):
+        import cma
+
+        return cma.CMAEvolutionStrategy(list(start["x0"]), start["sigma0"], dict(start["options"]))
 
     @classmethod
     def start(cls, genome: Genome, search: SearchConfig, source: str, seed: Optional[int] = None,
               popsize: Optional[int] = None, sigma0: Optional[float] = None) -> "Searcher":
         """A new strategy; ``seed``, ``popsize`` and ``sigma0`` override the config's."""
-        import cma
-
         seed = seed if seed is not None else search.seed
         x0 = genome.initial(np.random.default_rng(seed) if search.random_init else None)
         cma_opts = {"bounds": [0.0, 1.0], "seed": (seed % (2**31 - 2)) + 1, "verbose": -9}
@@ -35,33 +64,110 @@ class Searcher:
         if popsize:
             cma_opts["popsize"] = popsize
         cma_opts.update(search.cma_options)
+        start = {"x0": [float(v) for v in x0], "sigma0": float(sigma0 or search.sigma0), "options": cma_opts,
+                 "python_seed": seed}
         np.random.seed(cma_opts["seed"])
         random.seed(seed)
         try:
-            es = cma.CMAEvolutionStrategy(list(x0), sigma0 or search.sigma0, cma_opts)
+            es = cls._make(start)
         except Exception as e:  # noqa: BLE001 - bad cma_options
             raise UserError(f"cma rejected the options: {format_exception(e)}", source=source, key="search")
-        return cls(es)
+        return cls(es, start)
 
     @classmethod
-    def restore(cls, state: dict) -> "Searcher":
-        """The strategy saved in a checkpoint (see :meth:`state`), with the RNG states it had."""
-        np.random.set_state(state["numpy_rng"])
-        random.setstate(state["python_rng"])
-        return cls(state["es"])
+    def restore(cls, meta: dict, arrays: dict, source: str, config_options: Optional[dict] = None) -> "Searcher":
+        """The strategy saved by :meth:`state`, rebuilt by replaying its asks and tells.
 
-    def state(self) -> dict:
-        """What a checkpoint keeps of the strategy."""
-        return {"es": self.es, "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}
+        cma evaluates options given as text (``"4 + 3 * np.log(N)"``): such an option is taken only when the
+        search config (``config_options``: its ``search.cma_options``) gives the same text, never from the
+        checkpoint alone. Raises a UserError when the saved numbers are inconsistent or the replay ends
+        elsewhere."""
+        def bad(msg: str) -> UserError:
+            return UserError(f"the checkpoint cannot be replayed: {msg}", source=source)
 
-    def ask(self) -> list[np.ndarray]:
-        """The next generation, clipped to [0, 1]."""
-        return [np.clip(np.asarray(x, dtype=float), 0.0, 1.0) for x in self.es.ask()]
+        try:
+            saved = meta["start"]
+            options = dict(saved["options"])
+            for key, value in options.items():
+                if _has_text(value) and (config_options or {}).get(key) != value:
+                    raise ValueError(f"option {key!r} holds text that is not in the config's search.cma_options")
+            start = {"x0": [float(v) for v in saved["x0"]], "sigma0": float(saved["sigma0"]),
+                     "options": dict(options, seed=int(options["seed"]))}
+            fitness = [[float(f) for f in row] for row in meta["told"]]
+            n_asks = len(arrays["rng_pos"]) - 1  # the last state is the one at checkpoint time
+            pending = meta.get("pending")
+            if n_asks != len(fitness) + (pending is not None):
+                raise ValueError(f"{n_asks} asks for {len(fitness)} tells")
+            np.random.seed(start["options"]["seed"])
+            es = cls._make(start)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever a damaged file holds
+            raise bad(format_exception(e))
+        self = cls(es, start)
+        try:
+            for g in range(n_asks):
+                population = self.ask(rng_state=_rng_state(arrays, g))
+                if g < len(fitness):
+                    if len(fitness[g]) != len(population):
+                        raise ValueError(f"generation {g}: {len(fitness[g])} fitness values for "
+                                         f"{len(population)} candidates")
+                    self.tell(population, fitness[g])
+        except Exception as e:  # noqa: BLE001
+            raise bad(format_exception(e))
+        if pending is not None:
+            saved = np.asarray(pending, dtype=float)
+            if saved.shape != np.shape(self.pending) or not np.allclose(saved, self.pending, rtol=0, atol=1e-9):
+                raise bad("the replayed generation differs from the saved one (another cma or numpy version?)")
+        check = meta.get("check") or {}
+        if "sigma" in check and not np.isclose(float(self.es.sigma), check["sigma"], rtol=1e-9, atol=0):
+            raise bad(f"sigma {self.es.sigma!r} after the replay, {check['sigma']!r} saved")
+        if "mean" in check and not np.allclose(np.asarray(self.es.mean, dtype=float), check["mean"], rtol=0,
+                                               atol=1e-9):
+            raise bad("the replayed mean differs from the saved one")
+        np.random.set_state(_rng_state(arrays, n_asks))
+        py = meta.get("python_rng")
+        if py is not None:
+            random.setstate((py[0], tuple(py[1]), py[2]))
+        return self
+
+    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """What a checkpoint keeps of the strategy: (JSON-able metadata, numeric arrays)."""
+        py = random.getstate()
+        meta = {"cma_version": _cma_version(), "start": self.start_args, "told": self.told,
+                "pending": None if self.pending is None else [[float(v) for v in x] for x in self.pending],
+                "check": {"sigma": float(self.es.sigma), "mean": [float(v) for v in self.es.mean]},
+                "python_rng": [py[0], list(py[1]), py[2]]}
+        return meta, _rng_arrays(self.rng_before_ask + [np.random.get_state()])
+
+    def ask(self, rng_state: Optional[tuple] = None) -> list[np.ndarray]:
+        """The next generation, clipped to [0, 1] (``rng_state``: numpy's state to draw it from: a replay)."""
+        if rng_state is not None:
+            np.random.set_state(rng_state)
+        self.rng_before_ask.append(np.random.get_state())
+        self.pending = [np.clip(np.asarray(x, dtype=float), 0.0, 1.0) for x in self.es.ask()]
+        return self.pending
 
     def tell(self, population: list[np.ndarray], fitness: list[float]) -> None:
         """Fitness: lower is better."""
         self.es.tell([list(x) for x in population], fitness)
+        self.told.append([float(f) for f in fitness])
+        self.pending = None
 
     def stop(self) -> dict:
         """cma's stop conditions that are met (empty: go on)."""
         return self.es.stop()
+
+
+def _has_text(value) -> bool:
+    if isinstance(value, str):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_has_text(v) for v in value)
+    return isinstance(value, dict)  # no cma option is a mapping: refuse what it could hide
+
+
+def _cma_version() -> str:
+    import cma
+
+    return str(getattr(cma, "__version__", "?"))

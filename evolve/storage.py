@@ -4,19 +4,22 @@
 - ``history.jsonl``    one line per finished candidate: id, generation, genotype, recipe, per-task scores,
                        score, fitness, status (ok / failed + error), attempts (worker, timings), ...
 - ``inputs.jsonl``     the input models' scores (``evaluation.score_inputs``)
-- ``checkpoint.pkl``   the CMA-ES state after each generation's ``ask``: the pickled ``cma`` object, the
-                       generation's population and candidate ids, numpy's and Python's RNG states
+- ``checkpoint.npz``   the CMA-ES state after each generation: numbers only (numpy's npz, read with
+                       ``allow_pickle=False``: nothing in it can run as code): what the strategy started from
+                       and was told since, the RNG states, the generation's population and candidate ids
+                       (evolve.searcher replays them)
 - ``best_config.yml``  the best recipe so far, as ``ray-merge run`` takes it; ``best.json`` its scores
-- ``progress.png``, ``best_params.png``, ``summary.txt``  the report
+- ``progress.png``, ``best_params.png``, ``summary.txt``  the report, refreshed after every generation
+- ``tensorboard/``     TensorBoard event files (per evaluation and per generation)
 
 Every file except the history is written under a temporary name and renamed; history lines are appended
 and fsynced one at a time, and a line cut short by a kill is dropped when the search resumes.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
-import pickle
 import tempfile
 from typing import Any, Optional
 
@@ -25,7 +28,13 @@ import yaml
 
 from ray_merge.errors import UserError
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+CHECKPOINT = "checkpoint.npz"
+CHECKPOINT_FORMAT = "ray-merge evolve checkpoint"
+LEGACY_CHECKPOINT = "checkpoint.pkl"  # written by earlier versions: a pickle, never loaded
+# the checkpoint's arrays: name -> (dtype kind, number of dimensions)
+CHECKPOINT_ARRAYS = {"meta": ("U", 0), "rng_key": ("u", 2), "rng_pos": ("i", 1), "rng_has_gauss": ("i", 1),
+                     "rng_cached_gaussian": ("f", 1)}
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -40,7 +49,7 @@ class Storage:
     # -- set-up -------------------------------------------------------------------------------------------
     def has_search(self) -> bool:
         """Whether a search has evaluated or proposed anything here (config.yml and meta.json alone: not yet)."""
-        return any(os.path.exists(self.file(n)) for n in ("checkpoint.pkl", "history.jsonl"))
+        return any(os.path.exists(self.file(n)) for n in (CHECKPOINT, LEGACY_CHECKPOINT, "history.jsonl"))
 
     def start(self, cfg, resume: bool) -> None:
         """A new search (the directory must hold none), or a resumed one (the same scoring settings)."""
@@ -149,22 +158,45 @@ class Storage:
         self._append_jsonl("inputs.jsonl", record)
 
     # -- checkpoint -------------------------------------------------------------------------------------
-    def save_checkpoint(self, state: dict) -> None:
-        state = dict(state, version=CHECKPOINT_VERSION)
-        self.write_atomic("checkpoint.pkl", pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL), binary=True)
+    def save_checkpoint(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """``meta`` (JSON-able) and ``arrays`` (numbers) as one npz file, written atomically."""
+        meta = dict(meta, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION)
+        buf = io.BytesIO()
+        np.savez(buf, meta=np.array(json.dumps(meta, default=_json_default)), **arrays)
+        self.write_atomic(CHECKPOINT, buf.getvalue(), binary=True)
 
-    def load_checkpoint(self) -> Optional[dict]:
-        path = self.file("checkpoint.pkl")
+    def load_checkpoint(self) -> Optional[tuple[dict, dict[str, np.ndarray]]]:
+        """(meta, arrays) of the checkpoint, or None when there is none. Only numbers and JSON are read
+        (``allow_pickle=False``); anything else is a one-line UserError."""
+        path = self.file(CHECKPOINT)
         if not os.path.exists(path):
+            if os.path.exists(self.file(LEGACY_CHECKPOINT)):
+                raise UserError(f"{LEGACY_CHECKPOINT} is a pickle written by an earlier ray-merge; it is not "
+                                "loaded (a pickle can run code): start the search again in a new --storage-path",
+                                source=self.file(LEGACY_CHECKPOINT))
             return None
+
+        def bad(msg: str) -> UserError:
+            return UserError(f"not a ray-merge evolve checkpoint ({msg})", source=path)
+
         try:
-            with open(path, "rb") as f:
-                state = pickle.load(f)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is a corrupt file
-            raise UserError(f"cannot read the checkpoint ({type(e).__name__}: {e})", source=path)
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise UserError(f"checkpoint version {state.get('version')} is not {CHECKPOINT_VERSION}", source=path)
-        return state
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {name: npz[name] for name in npz.files}
+        except Exception as e:  # noqa: BLE001 - not an npz, a pickle, object arrays, a damaged zip ...
+            raise bad(f"{type(e).__name__}: {e}".splitlines()[0])
+        for name, (kind, ndim) in CHECKPOINT_ARRAYS.items():
+            a = arrays.get(name)
+            if a is None or a.dtype.kind != kind or a.ndim != ndim:
+                raise bad(f"{name}: missing or not a {ndim}-d array of kind {kind!r}")
+        try:
+            meta = json.loads(str(arrays.pop("meta")))
+        except ValueError as e:
+            raise bad(f"meta: {e}")
+        if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+            raise bad("no format marker")
+        if meta.get("version") != CHECKPOINT_VERSION:
+            raise bad(f"version {meta.get('version')!r}, expected {CHECKPOINT_VERSION}")
+        return meta, arrays
 
     # -- best -------------------------------------------------------------------------------------------
     def write_best(self, record: dict, n_evaluated: int) -> None:

@@ -104,20 +104,56 @@ class WorkerSpec:
 @dataclass
 class EvolveOptions:
     """`ray-merge evolve`'s own flags (it also takes --set, --resume, --workers, --address, --random-seed,
-    -v and --quiet from the groups above). The search reads the rest of its settings from its config."""
+    --allow-crimes, -v and --quiet from the groups above). The search reads the rest of its settings from its
+    config. mergekit-evolve's flags are taken with their meaning; the few that mean nothing here say so."""
 
     storage_path: Optional[str] = option("--storage-path", required=True, metavar="DIR",
                                          help="where the history, checkpoints, best_config.yml and the report go")
     backend: Optional[str] = option("--backend", choices=("hf", "vllm"),
-                                    help="evaluation backend (default: config)")
+                                    help="evaluation backend (default: config)",
+                                    shortcut=("--vllm", "vllm", "same as --backend vllm (mergekit-evolve's flag)"))
     max_fevals: Optional[int] = option("--max-fevals", kind="int",
                                        help="stop after this many evaluations (default: config)")
-    popsize: Optional[int] = option("--popsize", kind="int", help="CMA-ES population size (default: config / cma)")
+    max_time: Optional[float] = option("--max-time", "--timeout", kind="float", metavar="SECONDS",
+                                       help="wall-clock budget of this session: stop after the generation that "
+                                            "passes it, resumable (default: config's search.max_time_s; "
+                                            "--timeout is mergekit-evolve's name)")
+    patience: Optional[int] = option("--patience", kind="int", metavar="N",
+                                     help="stop after N generations without a better best (default: config)")
+    eval_timeout: Optional[float] = option("--eval-timeout", kind="float", metavar="SECONDS",
+                                           help="per evaluation: a candidate past it is retried once on another "
+                                                "evaluator (the hung one is replaced), then recorded as failed "
+                                                "(default: config's evaluation.timeout_s; none)")
+    popsize: Optional[int] = option("--popsize", "--force-population-size", kind="int",
+                                    help="CMA-ES population size (default: config / cma)")
     sigma0: Optional[float] = option("--sigma0", kind="float", help="CMA-ES initial step, in units of each range")
     limit: Optional[float] = option("--limit", kind="float", help="examples per task (lm-eval's limit)")
     batch_size: Optional[str] = option("--batch-size", help="lm-eval batch size (an integer or auto)")
     task_search_path: list = option("--task-search-path", factory=list, kind="list", metavar="DIR",
                                     help="more lm-eval task directories (as mergekit-evolve; repeatable)")
+    num_gpus: Optional[int] = option("--num-gpus", kind="int", metavar="N",
+                                     help="use N GPUs of the cluster: N evaluators, one GPU each")
+    merge_cuda: Optional[bool] = option("--merge-cuda", kind="toggle",
+                                        help="merge candidates on the evaluator's GPU (evaluation.merge_device "
+                                             "auto) or on its CPU (--no-merge-cuda; default: config)")
+    allow_benchmark_tasks: bool = option(
+        "--allow-benchmark-tasks", "--i-understand-the-depths-of-the-evils-i-am-unleashing", kind="switch",
+        dest="allow_benchmark_tasks", help="allow common benchmarks (mmlu, gsm8k, ...) as objectives")
+    save_final_model: bool = option("--save-final-model", default=False, kind="toggle",
+                                    help="merge the best recipe into STORAGE/final_model at the end (default "
+                                         "off; mergekit-evolve's is on)")
+    wandb: bool = option("--wandb", default=False, kind="toggle",
+                         help="also log to Weights & Biases (when wandb is installed; TensorBoard logs are always "
+                              "in STORAGE/tensorboard)")
+    wandb_project: Optional[str] = option("--wandb-project", help="W&B project (default ray-merge-evolve)")
+    wandb_entity: Optional[str] = option("--wandb-entity", help="W&B entity")
+    strategy: Optional[str] = option("--strategy", "-s", choices=("pool", "buffered", "serial"),
+                                     help="mergekit-evolve's scheduling: every strategy runs as pool here (an "
+                                          "evaluator per GPU that merges the next candidate while it scores one)")
+    in_memory: Optional[bool] = option("--in-memory", kind="toggle",
+                                       help="no effect: candidates are always merged and scored in memory")
+    reshard: Optional[bool] = option("--reshard", kind="toggle",
+                                     help="no effect: inputs are read in place and kept resident in the evaluators")
     no_report: bool = option("--no-report", default=False, kind="switch", help="skip the plots and the summary")
 
 

@@ -131,7 +131,7 @@ def test_short_search_writes_history_checkpoint_best_config_and_plots(search_wit
     store = search_with_failures["store"]
     recs = history(store)
     assert len(recs) == 8 and len({r["id"] for r in recs}) == 8
-    for name in ("checkpoint.pkl", "best_config.yml", "best.json", "progress.png", "best_params.png",
+    for name in ("checkpoint.npz", "best_config.yml", "best.json", "progress.png", "best_params.png",
                  "summary.txt", "config.yml", "inputs.jsonl"):
         assert (store / name).stat().st_size > 0, name
     ok = [r for r in recs if r["status"] == "ok"]
