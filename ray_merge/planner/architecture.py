@@ -3,6 +3,9 @@
 A decoder checkpoint has numbered blocks (``model.layers.7.mlp.up_proj.weight``,
 ``transformer.h.7.attn.c_attn.weight``) and a few tensors outside them. We find the
 numbered container whose index count matches the config's layer count.
+
+Layers need not be alike: each layer's tensors are read from its own names (dense layers then MoE
+layers, attention and Mamba layers, linear- and full-attention layers).
 """
 from __future__ import annotations
 
@@ -20,6 +23,13 @@ _NUMBERED = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
 
 
 _PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "tok_embeddings")
+_POST_HINTS = ("lm_head", "embed_out")  # output heads, though some are named like embeddings (GPT-NeoX)
+
+
+def packed_per_layer(name: str, shape: tuple[int, ...], num_layers: int) -> bool:
+    """A tensor outside the layers that packs one block per layer (Gemma 3n / Gemma 4's per-layer input
+    embeddings and projection: a dimension of num_layers x the per-layer width). Told by its name."""
+    return "per_layer" in name and num_layers > 1 and any(d % num_layers == 0 and d > num_layers for d in shape)
 
 
 def layer_count_key(config: dict) -> Optional[str]:
@@ -55,9 +65,14 @@ class Layout:
 
     prefix: Optional[str]
     num_layers: int
-    layer_suffixes: tuple[str, ...]  # in checkpoint order, from layer 0
+    layer_suffixes: tuple[str, ...]  # layer 0's, in checkpoint order
     pre: tuple[str, ...]  # non-layer tensors before the layers (embeddings)
     post: tuple[str, ...]  # non-layer tensors after (final norm, lm_head)
+    per_layer: tuple[tuple[str, ...], ...] = ()  # each layer's suffixes, in checkpoint order
+
+    def suffixes(self, index: int) -> tuple[str, ...]:
+        """The tensors of layer ``index`` (layers may differ: dense and MoE, attention and Mamba)."""
+        return self.per_layer[index] if self.per_layer else self.layer_suffixes
 
     def layer_name(self, index: int, suffix: str) -> str:
         return f"{self.prefix}.{index}.{suffix}"
@@ -95,16 +110,15 @@ def infer_layout(names: list[str], config: dict, label: str) -> Layout:
         )
     num_layers = len(by_prefix[prefix]) if prefix else 0
 
-    layer_suffixes: list[str] = []
-    seen = set()
+    per_layer: list[dict[str, None]] = [{} for _ in range(num_layers)]  # ordered sets
     pre, post = [], []
     layer_re = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.+)$") if prefix else None
     for n in names:
         m = layer_re.match(n) if layer_re else None
         if m:
-            if int(m.group(1)) == 0 and m.group(2) not in seen:
-                seen.add(m.group(2))
-                layer_suffixes.append(m.group(2))
+            per_layer[int(m.group(1))][m.group(2)] = None
             continue
-        (pre if any(h in n for h in _PRE_HINTS) else post).append(n)
-    return Layout(prefix, num_layers, tuple(layer_suffixes), tuple(pre), tuple(post))
+        is_pre = any(h in n for h in _PRE_HINTS) and not any(h in n for h in _POST_HINTS)
+        (pre if is_pre else post).append(n)
+    layers = tuple(tuple(d) for d in per_layer)
+    return Layout(prefix, num_layers, layers[0] if layers else (), tuple(pre), tuple(post), layers)
