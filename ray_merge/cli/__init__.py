@@ -57,6 +57,14 @@ def _setup_logging(args) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
+def _stop_ray() -> None:
+    """Disconnect from Ray if an interrupt left it up (the Ray executor and ray_session close their own
+    connection on the way out; this stops a local instance that an interrupted start-up left behind)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
@@ -67,9 +75,12 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"ray-merge: error: {e}", file=sys.stderr)
         return UserError.exit_code
-    except KeyboardInterrupt:
-        print("ray-merge: interrupted; rerun with --resume to continue", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        # Ctrl-C, or SIGTERM/SIGHUP while a local Ray instance ran (an Interrupted, with its exit code)
+        _stop_ray()
+        how = f"stopped by {e}" if str(e) else "interrupted"
+        print(f"ray-merge: {how}; rerun with --resume to continue", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     except OSError as e:
         # disk full, permission denied while writing, ...: name the file, no traceback
         where = f" {e.filename}" if getattr(e, "filename", None) else ""

@@ -46,6 +46,11 @@ log = logging.getLogger("ray_merge")
 MAX_SHARD_ATTEMPTS = 3  # a shard whose worker died this many times fails the merge
 
 
+class WorkersLost(UserError):
+    """The merge cannot go on: its workers died (and Ray could not bring them back), or a shard's worker
+    died too often. One line, like a UserError; the journal keeps the finished shards for ``--resume``."""
+
+
 @dataclass
 class _Slot:
     """A worker as the driver sees it (``rank``: its index in ``RayExecutor.slots`` and in the pool)."""
@@ -119,18 +124,21 @@ class RayExecutor:
         if not shards:
             return []
         t0 = time.time()
-        ok = False
+        ok, name_logs = False, True
         try:
             self._connect()
             results = self._run(plan, shards, stage, options, on_shard, progress)
             ok = True
             return results
+        except WorkersLost:
+            name_logs = False  # kept: the message names them
+            raise
         except (UserError, KeyboardInterrupt):
             ok = True  # nothing in Ray's logs that the message doesn't say
             raise
         finally:
             self.wall_s = time.time() - t0
-            self._teardown(ok)
+            self._teardown(ok, name_logs)
 
     # -- Ray ------------------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -138,7 +146,7 @@ class RayExecutor:
         self._ray.open()
         self.address = self._ray.address
 
-    def _teardown(self, ok: bool) -> None:
+    def _teardown(self, ok: bool, name_logs: bool = True) -> None:
         import ray
 
         for s in self.slots:
@@ -147,7 +155,12 @@ class RayExecutor:
             except Exception:
                 pass
         if self._ray is not None:
-            self._ray.close(ok)
+            self._ray.close(ok, name_logs=name_logs)
+
+    def _lost(self, what: str) -> WorkersLost:
+        """The one-line error of a merge its workers could not finish."""
+        logs = f"; Ray's logs are in {self._ray.temp_dir}" if self._ray is not None and self._ray.temp_dir else ""
+        return WorkersLost(f"{what}; rerun with --resume to finish the merge{logs}")
 
     def _default_budget(self, options: MergeOptions, n: int) -> Optional[int]:
         if options.memory_budget:
@@ -291,8 +304,8 @@ class RayExecutor:
                 log.warning("worker %d died during shard %d (%s); redoing it elsewhere", slot.rank, idx,
                             type(o.error).__name__)
                 if attempts[idx] >= MAX_SHARD_ATTEMPTS:
-                    raise RuntimeError(f"shard {by_index[idx].filename} failed {attempts[idx]} times, its "
-                                       f"worker died each time (last: {one_line(o.error)}); rerun with --resume")
+                    raise self._lost(f"shard {by_index[idx].filename} failed {attempts[idx]} times, its worker "
+                                     f"died each time (last: {type(o.error).__name__})")
                 if idx not in done:
                     queue.requeue(idx)
                 if slot.failures > MAX_RESTARTS:
@@ -310,8 +323,8 @@ class RayExecutor:
         if len(done) < len(shards):
             left = sorted(set(by_index) - set(done))
             if not pool.live():
-                raise RuntimeError(f"every merge worker died; {len(left)} shard(s) left undone "
-                                   f"(rerun with --resume to finish)")
+                raise self._lost(f"every merge worker died and Ray could not restart them; {len(left)} of "
+                                 f"{len(shards)} shard(s) left undone")
             raise UserError(f"no live worker has the memory budget for shard(s) {_ranges(left)}")
         return [done[s.index] for s in shards]
 

@@ -7,9 +7,11 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from typing import Callable, Iterable, Optional
 
@@ -42,6 +44,20 @@ def join_ray_cluster(address: str, **init_kwargs) -> None:
         raise UserError(f"cannot connect to the Ray cluster at {address}: {' '.join(str(e).split())[:300]}")
 
 
+# Signals that stop a run the way Ctrl-C does while this process runs a local Ray instance: raised as
+# Interrupted in the main thread, so the instance is shut down and its temp dir removed on the way out
+# (left to their defaults, SIGTERM kept the temp dir and SIGHUP left Ray's agents running for a minute).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal received while a local Ray instance ran; ``exit_code`` is the shell's 128 + signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
 class RayConnection:
     """Ray for one run, by the one rule every command follows: join the cluster at ``spec.address`` (or, inside
     a Ray job, that job's cluster), or start a local instance on 127.0.0.1 with room for ``spec.workers``
@@ -50,6 +66,9 @@ class RayConnection:
 
     After :meth:`open`: ``address`` ("local", the cluster's address, or "(already connected)") and
     ``local`` (True when this connection started the local instance).
+
+    While a local instance runs, SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread
+    (the caller's ``finally`` then calls :meth:`close`); :meth:`close` puts the previous handlers back.
     """
 
     def __init__(self, spec, verbose: int = 0, object_store_bytes: int = 256 * 2**20):
@@ -60,6 +79,10 @@ class RayConnection:
         self.local = False
         self.connected_here = False
         self.temp_dir: Optional[str] = None
+        self._saved_handlers: dict = {}
+        self._stop_signal: Optional[int] = None  # the stop signal received, if any
+        self._closing = False
+        self._signal_in_close = False
 
     def open(self):
         """Connect (or start Ray); returns the ``ray`` module."""
@@ -91,25 +114,55 @@ class RayConnection:
             kw["resources"] = {k: v * n for k, v in self.spec.resources.items()}
         if self.spec.memory:
             kw["_memory"] = n * self.spec.memory
-        ray.init(**kw)
-        self.connected_here = True
+        self.connected_here = True  # before ray.init: an interrupted start is shut down too
         self.local = True
         self.address = "local"
+        ray.init(**kw)
+        self._catch_signals()
         return ray
 
-    def close(self, ok: bool = True) -> None:
-        """Disconnect (a local instance stops). Its logs are kept, and named, unless the run went ``ok``."""
+    def _catch_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python runs signal handlers in the main thread only
+        for sig in STOP_SIGNALS:
+            self._saved_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if self._stop_signal is not None:
+            return  # stopping already: a second signal does not cut the shutdown short
+        self._stop_signal = signum
+        if self._closing:
+            self._signal_in_close = True  # raised once the shutdown is done
+            return
+        raise Interrupted(signum)
+
+    def close(self, ok: bool = True, *, name_logs: bool = True) -> Optional[str]:
+        """Disconnect (a local instance stops, its temp dir removed). Unless the run went ``ok`` its logs
+        are kept: returns their directory, also logged when ``name_logs``."""
         import ray
 
-        if self.connected_here:
-            ray.shutdown()
-            self.connected_here = False
+        self._closing = True
+        try:
+            if self.connected_here:
+                ray.shutdown()
+                self.connected_here = False
+        finally:
+            for sig, handler in self._saved_handlers.items():
+                signal.signal(sig, handler)
+            self._saved_handlers = {}
+        kept = None
         if self.temp_dir:
             if ok:
                 shutil.rmtree(self.temp_dir, ignore_errors=True)
             else:
-                log.warning("Ray logs of this run are in %s", self.temp_dir)
+                kept = self.temp_dir
+                if name_logs:
+                    log.warning("Ray logs of this run are in %s", kept)
             self.temp_dir = None
+        self._closing = False
+        if self._signal_in_close:
+            raise Interrupted(self._stop_signal)
+        return kept
 
 
 @contextmanager
@@ -117,10 +170,9 @@ def ray_session(spec, verbose: int = 0, object_store_bytes: int = 256 * 2**20):
     """A :class:`RayConnection` for the length of a ``with`` block; yields the ``ray`` module. A UserError
     or an interrupt counts as a clean end (Ray's logs would say nothing more)."""
     conn = RayConnection(spec, verbose, object_store_bytes)
-    ray = conn.open()
     ok = False
     try:
-        yield ray
+        yield conn.open()
         ok = True
     except (UserError, KeyboardInterrupt):
         ok = True
