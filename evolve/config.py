@@ -25,7 +25,12 @@ TOP_KEYS = {"genome", "tasks", "search", "evaluation", "seed", "name",
             "limit", "num_fewshot", "shuffle", "random_init", "apply_chat_template", "fewshot_as_multiturn"}
 GENOME_KEYS = {"models", "merge_method", "base_model", "tokenizer_source", "tokenizer", "chat_template",
                "layer_granularity", "normalize", "allow_negative_weights", "smooth", "filters",
-               "parameters", "dtype", "out_dtype"}
+               "parameters", "dtype", "out_dtype", "kind", "dataflow"}
+GENOME_KINDS = ("parameters", "dataflow")
+DATAFLOW_KEYS = {"max_layers", "repeats", "scale", "scale_filters"}
+# genome keys of a parameter-space search only: refused with kind: dataflow (they would be ignored)
+PARAMETER_ONLY_KEYS = ("base_model", "layer_granularity", "normalize", "allow_negative_weights", "smooth",
+                       "filters", "parameters")
 SEARCH_KEYS = {"popsize", "sigma0", "max_fevals", "max_time_s", "patience", "seed", "random_init", "cma_options"}
 EVAL_KEYS = {"backend", "workers", "num_cpus", "num_gpus", "device", "merge_device", "dtype", "batch_size",
              "limit", "num_fewshot", "apply_chat_template", "fewshot_as_multiturn", "system_instruction",
@@ -56,6 +61,15 @@ class Bounds:
 
 
 @dataclass
+class DataflowConfig:
+    """``genome.dataflow``: the layer-path search (evolve.dataflow)."""
+    max_layers: Optional[int] = None  # None: twice the deepest input model's layers
+    repeats: int = 2  # times each model's layer sequence appears among the candidate layers
+    scale: Bounds = field(default_factory=lambda: Bounds(0.5, 1.5, 1.0))  # lo == hi: fixed, not searched
+    scale_filters: list[str] = field(default_factory=lambda: ["o_proj", "down_proj"])  # the residual writers
+
+
+@dataclass
 class GenomeConfig:
     models: list[str]
     merge_method: str
@@ -72,6 +86,8 @@ class GenomeConfig:
     fixed: dict[str, Any] = field(default_factory=dict)  # parameters set to a value (not searched)
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
+    kind: str = "parameters"  # or "dataflow": a layer-path search (evolve.dataflow)
+    dataflow: Optional[DataflowConfig] = None  # kind: dataflow
 
 
 @dataclass
@@ -308,6 +324,17 @@ def _genome(g: Any, base_dir: str, err) -> GenomeConfig:
     models = [_model(m, f"genome.models[{i}]", base_dir, err) for i, m in enumerate(models)]
     if len(set(models)) != len(models):
         raise err("genome.models", "lists a model twice")
+    kind = g.get("kind", "parameters")
+    if kind == "both":
+        raise err("genome.kind", "'both' (a layer path over input models and a parameter-space merge) is not "
+                                 "supported: the merge engine plans only from models on disk, so the "
+                                 "parameter-merged model cannot be a source of the stack in memory")
+    if kind not in GENOME_KINDS:
+        raise err("genome.kind", f"unknown kind {kind!r} (use {' or '.join(GENOME_KINDS)})")
+    if kind == "dataflow":
+        return _dataflow_genome(g, models, base_dir, err)
+    if "dataflow" in g:
+        raise err("genome.dataflow", "only with genome.kind: dataflow")
     if "merge_method" not in g:
         raise err("genome.merge_method", "missing")
     if not isinstance(g["merge_method"], str):
@@ -322,18 +349,7 @@ def _genome(g: Any, base_dir: str, err) -> GenomeConfig:
     if method.max_inputs == 1:
         raise err("genome.merge_method", f"merge method {method.name!r} takes one model: nothing to search")
 
-    tokenizer_source = g.get("tokenizer_source")
-    if tokenizer_source is not None:
-        if not isinstance(tokenizer_source, str):
-            raise err("genome.tokenizer_source", "must be 'union', 'base' or a model")
-        if tokenizer_source not in ("union", "base"):
-            tokenizer_source = resolve_path(tokenizer_source, base_dir)
-    tokenizer = g.get("tokenizer")
-    if tokenizer is not None and not isinstance(tokenizer, dict):
-        raise err("genome.tokenizer", "must be a mapping (as in a recipe)")
-    chat_template = g.get("chat_template")
-    if chat_template is not None and not isinstance(chat_template, str):
-        raise err("genome.chat_template", "must be a string")
+    tokenizer_source, tokenizer, chat_template = _tokenizer_settings(g, base_dir, err)
 
     gran = g.get("layer_granularity", 0)
     gran = 0 if gran is None else _int(gran, "genome.layer_granularity", err, minimum=0)
@@ -379,22 +395,84 @@ def _genome(g: Any, base_dir: str, err) -> GenomeConfig:
     if normalize is not None and "normalize" in known and "normalize" not in fixed:
         fixed["normalize"] = normalize
 
-    def dtype(key: str) -> Optional[str]:
-        v = g.get(key)
-        if v is None:
-            return None
-        v = DTYPE_ALIASES.get(str(v), str(v))
-        if v not in DTYPES:
-            raise err(f"genome.{key}", f"unknown dtype {g.get(key)!r} (use one of {', '.join(DTYPES)})")
-        return v
-
     return GenomeConfig(
         models=models, merge_method=method.name, base_model=base, tokenizer_source=tokenizer_source,
         tokenizer=tokenizer, chat_template=chat_template, layer_granularity=gran, normalize=normalize,
         allow_negative_weights=_bool(g.get("allow_negative_weights", False), "genome.allow_negative_weights", err),
         smooth=_bool(g.get("smooth", False), "genome.smooth", err), filters=filters, searched=searched,
-        fixed=fixed, dtype=dtype("dtype"), out_dtype=dtype("out_dtype"),
+        fixed=fixed, dtype=_dtype(g, "dtype", err), out_dtype=_dtype(g, "out_dtype", err),
     )
+
+
+def _tokenizer_settings(g: dict, base_dir: str, err) -> tuple:
+    """(tokenizer_source, tokenizer, chat_template) of the genome, as in a recipe."""
+    tokenizer_source = g.get("tokenizer_source")
+    if tokenizer_source is not None:
+        if not isinstance(tokenizer_source, str):
+            raise err("genome.tokenizer_source", "must be 'union', 'base' or a model")
+        if tokenizer_source not in ("union", "base"):
+            tokenizer_source = resolve_path(tokenizer_source, base_dir)
+    tokenizer = g.get("tokenizer")
+    if tokenizer is not None and not isinstance(tokenizer, dict):
+        raise err("genome.tokenizer", "must be a mapping (as in a recipe)")
+    chat_template = g.get("chat_template")
+    if chat_template is not None and not isinstance(chat_template, str):
+        raise err("genome.chat_template", "must be a string")
+    return tokenizer_source, tokenizer, chat_template
+
+
+def _dtype(g: dict, key: str, err) -> Optional[str]:
+    v = g.get(key)
+    if v is None:
+        return None
+    v = DTYPE_ALIASES.get(str(v), str(v))
+    if v not in DTYPES:
+        raise err(f"genome.{key}", f"unknown dtype {g.get(key)!r} (use one of {', '.join(DTYPES)})")
+    return v
+
+
+def _dataflow_genome(g: dict, models: list[str], base_dir: str, err) -> GenomeConfig:
+    """``genome`` with ``kind: dataflow``: models, the ``dataflow`` section, dtype and tokenizer settings."""
+    for key in PARAMETER_ONLY_KEYS:
+        if key in g:
+            raise err(f"genome.{key}", "not used by kind: dataflow (list a model under genome.models to use "
+                                       "its layers)" if key == "base_model" else "not used by kind: dataflow")
+    method = g.get("merge_method", "passthrough")
+    if method != "passthrough":
+        raise err("genome.merge_method", "kind: dataflow writes passthrough recipes (leave merge_method out)")
+    d = _mapping(g.get("dataflow"), "genome.dataflow", err)
+    _no_unknown(d, DATAFLOW_KEYS, "genome.dataflow", err)
+    df = DataflowConfig(
+        max_layers=_opt_int(d.get("max_layers"), "genome.dataflow.max_layers", err, minimum=1),
+        repeats=_int(d.get("repeats", 2), "genome.dataflow.repeats", err, minimum=1))
+    scale = d.get("scale")
+    key = "genome.dataflow.scale"
+    if isinstance(scale, dict):
+        _no_unknown(scale, BOUND_KEYS, key, err)
+        if "min" not in scale or "max" not in scale:
+            raise err(key, "give both min and max to search it (or a value to fix it)")
+        lo, hi = _float(scale["min"], f"{key}.min", err), _float(scale["max"], f"{key}.max", err)
+        if not 0 <= lo < hi:
+            raise err(key, f"needs 0 <= min < max, got [{lo}, {hi}]")
+        init = _float(scale.get("init", min(max(1.0, lo), hi)), f"{key}.init", err)
+        if not lo <= init <= hi:
+            raise err(f"{key}.init", f"{init} is outside [{lo}, {hi}]")
+        df.scale = Bounds(lo, hi, init)
+    elif scale is not None:
+        v = _float(scale, key, err)
+        if v < 0:
+            raise err(key, "must not be negative")
+        df.scale = Bounds(v, v, v)
+    if "scale_filters" in d:
+        df.scale_filters = _str_list(d["scale_filters"], "genome.dataflow.scale_filters", err)
+        if not df.scale_filters:
+            raise err("genome.dataflow.scale_filters", "must name the tensors that write into the residual "
+                                                       "stream (o_proj, down_proj for Llama)")
+    tokenizer_source, tokenizer, chat_template = _tokenizer_settings(g, base_dir, err)
+
+    return GenomeConfig(models=models, merge_method="passthrough", tokenizer_source=tokenizer_source,
+                        tokenizer=tokenizer, chat_template=chat_template, dtype=_dtype(g, "dtype", err),
+                        out_dtype=_dtype(g, "out_dtype", err), kind="dataflow", dataflow=df)
 
 
 def _resolved_genome_raw(raw: dict, g: GenomeConfig) -> dict:

@@ -78,6 +78,10 @@ def num_layers_of(model: str, source: str = "<config>") -> int:
 
 
 class Genome:
+    """A parameter-space genome (``genome.kind: parameters``; evolve.dataflow has the layer-path one)."""
+
+    kind = "parameters"
+
     def __init__(self, cfg: GenomeConfig, num_layers: int, source: str = "<config>"):
         self.cfg = cfg
         self.source = source
@@ -244,6 +248,13 @@ class Genome:
             if v is not None:
                 recipe[key] = v
         return _plain(recipe)
+
+    def for_evaluator(self, recipe: dict) -> dict:
+        """The recipe the evaluators build for ``recipe``: itself (every candidate has the inputs' layers)."""
+        return recipe
+
+    def eval_recipe(self, x: Sequence[float]) -> dict:
+        return self.for_evaluator(self.to_recipe(x))
 
     def from_recipe(self, recipe: dict) -> np.ndarray:
         """The genotype a recipe written by ``to_recipe`` came from (values clipped into the bounds)."""

@@ -1,6 +1,11 @@
 """The search: the generation loop. CMA-ES (evolve.searcher) proposes each generation; it is evaluated in
 parallel on Ray; every result goes to the history, and the search is checkpointed after every generation.
 
+The genome is ``genome.kind``'s: parameter space (evolve.genome) or layer paths (evolve.dataflow). A
+candidate's ``recipe`` is what the history and ``best_config.yml`` hold; the evaluators build its
+``eval_recipe`` (a layer path padded with identity layers to a fixed depth, so that each evaluator's model,
+instantiated once, fits every candidate).
+
 One evaluator actor per GPU (per CPU slot without GPUs), driven by ray_merge's ``WorkPool``: every actor
 holds ``in_flight`` candidates (one scoring, the next one merging). A candidate whose evaluation fails is
 retried once on another actor, then recorded as failed with its error and given a fitness worse than any
@@ -32,6 +37,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from evolve.config import EvolveConfig
+from evolve.dataflow import DataflowGenome
 from evolve.evaluator import Evaluator
 from evolve.genome import Genome
 from evolve.report import write_report
@@ -54,9 +60,10 @@ class Candidate:
     generation: int
     index: int
     x: np.ndarray
-    recipe: dict
+    recipe: dict  # the recipe recorded (and written to best_config.yml)
     attempts: list = field(default_factory=list)
     excluded: set = field(default_factory=set)
+    eval_recipe: Optional[dict] = None  # what the evaluators build, when not ``recipe`` (a padded layer path)
 
 
 @dataclass
@@ -118,7 +125,7 @@ class EvaluatorPool:
     def _submit(self, actor, c: Candidate):
         self._submitted[c.id] = time.time()
         self._held.add(c.id)
-        return actor.evaluate.remote(c.id, c.recipe)
+        return actor.evaluate.remote(c.id, c.eval_recipe or c.recipe)
 
     def start(self) -> None:
         import ray
@@ -286,6 +293,13 @@ def _ids(generation: int, n: int) -> list[str]:
     return [f"g{generation:03d}-{i:02d}" for i in range(n)]
 
 
+def make_genome(cfg: EvolveConfig):
+    """The genome of ``genome.kind``: parameter space (evolve.genome) or layer paths (evolve.dataflow)."""
+    if cfg.genome.kind == "dataflow":
+        return DataflowGenome.from_config(cfg.genome, cfg.source)
+    return Genome.from_config(cfg.genome, cfg.source)
+
+
 def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions, evaluator_cls: type = Evaluator) -> dict:
     """Run (or resume) the search. Returns the summary dict the report prints.
 
@@ -293,7 +307,7 @@ def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions, evaluator
     t_start = time.time()
     storage = Storage(storage_path)
     storage.start(cfg, resume=opts.resume)
-    genome = Genome.from_config(cfg.genome, cfg.source)
+    genome = make_genome(cfg)
     if genome.dim == 1:
         raise UserError("the genome has one gene; CMA-ES needs at least two (add a filter, a layer group or a "
                         "parameter)", source=cfg.source, key="genome")
@@ -304,7 +318,8 @@ def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions, evaluator
     session = uuid.uuid4().hex[:8]
 
     # The first recipe is planned here: a recipe the planner rejects fails now, with one line.
-    first_recipe = genome.to_recipe(genome.initial())
+    # (The evaluators instantiate their model from it: for a layer path, padded to max_layers.)
+    first_recipe = genome.eval_recipe(genome.initial())
     plan_recipe(recipe_from_dict(first_recipe, source=f"{cfg.source} (genome -> recipe)"), seed=cfg.seed,
                 allow_crimes=opts.allow_crimes)
 
@@ -357,7 +372,7 @@ def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions, evaluator
     ray_spec = WorkerSpec(workers=opts.workers or ev.workers, address=opts.address, cpus=ev.num_cpus)
     summary: dict = {"session": session}
     pool = None
-    work = population is not None or (ev.score_inputs and bool(_input_candidates(cfg, storage)))
+    work = population is not None or (ev.score_inputs and bool(_input_candidates(cfg, storage, genome)))
     if not work:
         hint = "raise --max-fevals to continue the search" if finished == "max_fevals" else "stopped: " + finished
         say(f"nothing left to evaluate in {storage.path}: {len(done_by_id)} evaluation(s) done ({hint})")
@@ -377,7 +392,7 @@ def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions, evaluator
                 if unsaved:
                     checkpoint()
                 if ev.score_inputs:
-                    _score_inputs(cfg, storage, pool, say)
+                    _score_inputs(cfg, storage, pool, say, genome)
 
                 def on_done(c: Candidate, res: Optional[dict], err: Optional[str]) -> None:
                     nonlocal best
@@ -408,7 +423,9 @@ def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions, evaluator
                                                 "the checkpoint: the storage directory is inconsistent",
                                                 source=storage.path)
                             continue
-                        cands.append(Candidate(cid, generation, i, x, genome.to_recipe(x)))
+                        recipe = genome.to_recipe(x)
+                        cands.append(Candidate(cid, generation, i, x, recipe,
+                                               eval_recipe=genome.for_evaluator(recipe)))
                     t_gen = time.time()
                     if cands:
                         pool.run(cands, on_done)
@@ -459,8 +476,9 @@ def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions, evaluator
     return summary
 
 
-def _input_candidates(cfg: EvolveConfig, storage: Storage) -> list[Candidate]:
-    """The input models not scored yet, each as a passthrough recipe (scored like the candidates)."""
+def _input_candidates(cfg: EvolveConfig, storage: Storage, genome=None) -> list[Candidate]:
+    """The input models not scored yet, each as a passthrough recipe (scored like the candidates; built as
+    ``genome.for_evaluator`` has it)."""
     have = {r["id"] for r in storage.read_inputs()}
     models = list(cfg.genome.models)
     if cfg.genome.base_model and cfg.genome.base_model not in models:
@@ -476,14 +494,15 @@ def _input_candidates(cfg: EvolveConfig, storage: Storage) -> list[Candidate]:
             v = getattr(cfg.genome, key)
             if v is not None:
                 recipe[key] = v
-        cands.append(Candidate(cid, -1, len(cands), np.zeros(0), recipe))
+        cands.append(Candidate(cid, -1, len(cands), np.zeros(0), recipe,
+                               eval_recipe=genome.for_evaluator(recipe) if genome is not None else None))
     return cands
 
 
-def _score_inputs(cfg: EvolveConfig, storage: Storage, pool: EvaluatorPool, say) -> list[dict]:
+def _score_inputs(cfg: EvolveConfig, storage: Storage, pool: EvaluatorPool, say, genome=None) -> list[dict]:
     """Score each input model once."""
     have = {r["id"]: r for r in storage.read_inputs()}
-    cands = _input_candidates(cfg, storage)
+    cands = _input_candidates(cfg, storage, genome)
     tasks = [t.__dict__ for t in cfg.tasks]
 
     def on_done(c: Candidate, res: Optional[dict], err: Optional[str]) -> None:
