@@ -61,6 +61,10 @@ class MergeOptions:
     write_model_card: bool = option("--write-model-card", default=True, kind="toggle")
     allow_crimes: bool = option("--allow-crimes", default=False, kind="switch",
                                 help="allow merging different architectures")
+    unsafe_truncate_embeddings: bool = option(
+        "--unsafe-truncate-embeddings", default=False, kind="switch",
+        help="UNSAFE: without tokenizer settings, keep only the embedding / lm_head rows every model has "
+             "(mergekit's flag; assumes the token ids agree; use 'tokenizer:' instead)")
     trust_remote_code: bool = option("--trust-remote-code", default=False, kind="toggle",
                                      help="run the models' own code when loading their tokenizers and configs")
     resume: bool = option("--resume", default=False, kind="switch",
@@ -102,6 +106,17 @@ class WorkerSpec:
 
 
 @dataclass
+class PlanOptions:
+    """`ray-merge plan`'s own flags."""
+
+    throughput_from: Optional[str] = option(
+        "--throughput-from", metavar="BENCH_JSON",
+        help="estimate each worker's wall time from the per-byte throughputs measured for the recipe's method "
+             "in this file (written by scripts/bench_merge.py): bytes read / read throughput + compute per "
+             "output byte x bytes written + bytes written / write throughput, workers on separate nodes")
+
+
+@dataclass
 class EvolveOptions:
     """`ray-merge evolve`'s own flags (it also takes --set, --resume, --workers, --address, --random-seed,
     --allow-crimes, -v and --quiet from the groups above). The search reads the rest of its settings from its
@@ -138,7 +153,7 @@ class EvolveOptions:
                                              "auto) or on its CPU (--no-merge-cuda; default: config)")
     allow_benchmark_tasks: bool = option(
         "--allow-benchmark-tasks", "--i-understand-the-depths-of-the-evils-i-am-unleashing", kind="switch",
-        dest="allow_benchmark_tasks", help="allow common benchmarks (mmlu, gsm8k, ...) as objectives")
+        default=False, dest="allow_benchmark_tasks", help="allow common benchmarks (mmlu, gsm8k, ...) as objectives")
     save_final_model: bool = option("--save-final-model", default=False, kind="toggle",
                                     help="merge the best recipe into STORAGE/final_model at the end (default "
                                          "off; mergekit-evolve's is on)")

@@ -163,15 +163,3 @@ def executor_from_args(args):
     return RayExecutor(spec_from_args(args), verbose=getattr(args, "verbose", 0))
 
 
-def plan_assignment(plan, args, options: MergeOptions) -> str:
-    """`ray-merge plan --workers N`: the assignment the driver would make."""
-    from ray_merge.planner.memory import check_memory, planned_budgets
-    from ray_merge.planner.shards import assign_shards, format_assignment
-
-    spec = spec_from_args(args)
-    if not spec.workers:
-        return "workers:       one per node of the cluster (pass --workers N to see an assignment)"
-    budgets = planned_budgets(spec, options, spec.workers)
-    if budgets[0] is not None:
-        check_memory(plan, plan.shards, budgets[0])
-    return format_assignment(plan, assign_shards(plan, plan.shards, budgets))

@@ -153,6 +153,65 @@ def format_assignment(plan: Plan, loads: list[WorkerLoad], shards: Optional[list
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------
+# Estimated wall time per worker, from measured throughputs
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Throughput:
+    """Rates one merge method reached on one machine (``scripts/bench_merge.py`` writes them to bench.json)."""
+
+    method: str
+    read_bytes_per_s: float  # reading inputs
+    write_bytes_per_s: float  # writing output shards
+    compute_s_per_byte: float  # merging, in seconds per output byte
+
+
+def estimate_seconds(load: WorkerLoad, rate: Throughput) -> float:
+    """A worker's estimated wall time: its reads, its merging and its writes, one after the other.
+
+    ``bytes read / read throughput + compute seconds per output byte x bytes written + bytes written / write
+    throughput``. The model: every worker runs on its own node, all in parallel, each as fast as the machine
+    the rates were measured on (no shared disk or network limit); reads overlapping compute (read-ahead) and
+    Ray's start-up are not counted. The merge's wall time is that of the slowest worker.
+    """
+    return (load.bytes_read / rate.read_bytes_per_s + rate.compute_s_per_byte * load.bytes_written
+            + load.bytes_written / rate.write_bytes_per_s)
+
+
+def format_estimate(loads: list[WorkerLoad], rate: Optional[Throughput] = None) -> str:
+    """Per worker: shards, bytes read and written, peak memory and (with ``rate``) the estimated wall time.
+    Sizes in GB (1e9 bytes), or MB / kB for small merges."""
+    largest = max([w.bytes_read for w in loads] + [w.peak_bytes for w in loads], default=0)
+    unit, scale = "B", 1
+    for u, n in (("kB", 1e3), ("MB", 1e6), ("GB", 1e9)):
+        if largest >= n:
+            unit, scale = u, n
+    head = f"  {'worker':>6} {'shards':>6} {'read ' + unit:>9} {'written ' + unit:>10} {'peak ' + unit:>8}"
+    if rate is None:
+        lines = ["per worker (no time without --throughput-from):", head]
+    else:
+        title = (f"per worker, {rate.method} at {rate.read_bytes_per_s / 1e9:.3g} GB/s read, "
+                 f"{rate.compute_s_per_byte * 1e9:.3g} s of compute per GB written, "
+                 f"{rate.write_bytes_per_s / 1e9:.3g} GB/s write:")
+        lines = [title, head + f" {'est. time':>10}"]
+    for w in loads:
+        line = (f"  {w.worker:>6} {len(w.shards):>6} {w.bytes_read / scale:>9.2f} {w.bytes_written / scale:>10.2f} "
+                f"{w.peak_bytes / scale:>8.2f}")
+        if rate is not None:
+            line += f" {estimate_seconds(w, rate):>8.1f} s"
+        lines.append(line)
+    lines.append(f"  {'total':>6} {sum(len(w.shards) for w in loads):>6} "
+                 f"{sum(w.bytes_read for w in loads) / scale:>9.2f} "
+                 f"{sum(w.bytes_written for w in loads) / scale:>10.2f} "
+                 f"{max((w.peak_bytes for w in loads), default=0) / scale:>8.2f}")
+    if rate is not None:
+        slowest = max((estimate_seconds(w, rate) for w in loads), default=0.0)
+        lines.append(f"estimated wall time: {slowest:.1f} s ({slowest / 60:.1f} min), the slowest worker's "
+                     f"(workers on separate nodes, in parallel; Ray start-up not counted)")
+    return "\n".join(lines)
+
+
 def _ranges(indices: list[int]) -> str:
     """[0,1,2,5,7,8] -> '0-2, 5, 7-8' (shard indices)."""
     out, start, prev = [], None, None
