@@ -12,7 +12,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(REPO), "shared")
 
 
 def mergekit_venv() -> str:
@@ -26,7 +25,7 @@ def mergekit_venv() -> str:
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory):
     """llama / mistral / qwen2 / gpt2 families: a base and three perturbed fine-tunes each."""
-    from ray_merge.fixtures import make_family
+    from models import make_family
 
     root = tmp_path_factory.mktemp("models")
     for kind in ("llama", "mistral", "qwen2", "gpt2"):

@@ -1,0 +1,255 @@
+"""Compare ray-merge's output with mergekit's on conformance recipes.
+
+Used by tests/test_conformance.py (imported), and by hand as a script:
+
+    python tests/conformance/make_fixtures.py FIXTURES            # any python with torch + transformers
+    python tests/conformance/compare.py --fixtures FIXTURES --work WORK \\
+        --mergekit ".venv-mergekit/bin/mergekit-yaml {config} {out} --random-seed 0" \\
+        --ours ".venv/bin/ray-merge run {config} {out} --random-seed 0 --quiet" [RECIPE.yml ...]
+
+Without recipes it runs tests/recipes/*.yml. ``FIX/`` in a recipe stands for the fixtures directory. mergekit's
+outputs are kept under WORK/mergekit/ and reused by later runs; ray-merge's are rebuilt each time. One line per
+recipe, then ``conformance: K/N recipes match mergekit``; exit status 0 only when all match.
+
+What "match" means:
+- every recipe: the same tensor names; for each tensor the same shape; the same ``num_hidden_layers`` /
+  ``n_layer``, ``vocab_size`` and ``model_type`` in config.json; with a ``tokenizer`` or ``tokenizer_source``
+  in the recipe, the same token -> id map.
+- deterministic methods: the same dtypes, and values within rtol 1e-2 / atol 1e-5 except for at most 0.1% of a
+  tensor's entries (bf16 rounding, exact ties at a top-k boundary).
+- randomised methods (recipes named ``*_stat``: the two tools draw different random masks): per tensor of at
+  least 1000 entries, the share of entries that differ from the base within 0.05 of mergekit's, and the mean
+  size of those differences (clipped at mergekit's 99th percentile) within 15%.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RECIPES = os.path.join(os.path.dirname(HERE), "recipes")
+
+RTOL, ATOL, MAX_OFF = 1e-2, 1e-5, 1e-3
+STAT_MIN_NUMEL, STAT_SHARE_TOL, STAT_SIZE_TOL = 1000, 0.05, 0.15
+CONFIG_KEYS = ("num_hidden_layers", "n_layer", "vocab_size", "model_type")
+
+
+def load_tensors(directory: str) -> dict:
+    from safetensors import safe_open
+
+    tensors = {}
+    for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+        with safe_open(path, "pt") as f:
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name)
+    return tensors
+
+
+def _names(ref: dict, got: dict) -> list[str]:
+    missing, extra = sorted(set(ref) - set(got)), sorted(set(got) - set(ref))
+    if not missing and not extra:
+        return []
+    return [f"tensor names differ: {len(missing)} missing (e.g. {missing[:3]}), {len(extra)} extra "
+            f"(e.g. {extra[:3]})"]
+
+
+def compare_values(ref: dict, got: dict) -> list[str]:
+    """Deterministic methods: dtypes equal, values close (see the module docstring)."""
+    import torch
+
+    problems = _names(ref, got)
+    for name in sorted(set(ref) & set(got)):
+        want, have = ref[name], got[name]
+        if want.shape != have.shape:
+            problems.append(f"{name}: shape {tuple(have.shape)}, mergekit {tuple(want.shape)}")
+            continue
+        if want.dtype != have.dtype:
+            problems.append(f"{name}: dtype {have.dtype}, mergekit {want.dtype}")
+        w, h = want.float(), have.float()
+        if not torch.isfinite(h).all():
+            problems.append(f"{name}: non-finite values")
+            continue
+        off = (w - h).abs() > ATOL + RTOL * w.abs()
+        share = off.float().mean().item()
+        if share > MAX_OFF:
+            problems.append(f"{name}: {share:.2%} of entries differ (largest difference "
+                            f"{(w - h).abs().max().item():.3g})")
+    return problems
+
+
+def compare_statistics(ref: dict, got: dict, base: dict) -> list[str]:
+    """Randomised methods: how many entries changed from the base, and by how much (module docstring)."""
+    problems = _names(ref, got)
+    for name in sorted(set(ref) & set(got)):
+        want, have = ref[name].float(), got[name].float()
+        if want.shape != have.shape:
+            problems.append(f"{name}: shape {tuple(have.shape)}, mergekit {tuple(want.shape)}")
+            continue
+        if name not in base or want.numel() < STAT_MIN_NUMEL:
+            continue
+        start = base[name].float()
+        d_want, d_have = (want - start).abs(), (have - start).abs()
+        share_want = (d_want > 0).float().mean().item()
+        share_have = (d_have > 0).float().mean().item()
+        if abs(share_want - share_have) > STAT_SHARE_TOL:
+            problems.append(f"{name}: {share_have:.3f} of entries changed, mergekit {share_want:.3f}")
+        if share_want == 0 or share_have == 0:
+            continue
+        sample = d_want.flatten()[:: max(1, d_want.numel() // 100_000)]
+        clip = sample.quantile(0.99).item()
+        size_want = d_want.clamp(max=clip)[d_want > 0].mean().item()
+        size_have = d_have.clamp(max=clip)[d_have > 0].mean().item()
+        if size_want > 0 and abs(size_have - size_want) / size_want > STAT_SIZE_TOL:
+            problems.append(f"{name}: mean change {size_have:.4g}, mergekit {size_want:.4g}")
+    return problems
+
+
+def compare_configs(ref_dir: str, got_dir: str) -> list[str]:
+    try:
+        with open(os.path.join(ref_dir, "config.json")) as f:
+            ref = json.load(f)
+        with open(os.path.join(got_dir, "config.json")) as f:
+            got = json.load(f)
+    except (OSError, ValueError) as e:
+        return [f"config.json: {e}"]
+    return [f"config.json {key}: {got.get(key)!r}, mergekit {ref[key]!r}"
+            for key in CONFIG_KEYS if key in ref and ref[key] != got.get(key)]
+
+
+def token_ids(tokenizer_json: str) -> dict:
+    """token -> id over a tokenizer.json's model vocabulary and its added tokens (where a token is listed in
+    the file is not part of what a user sees)."""
+    with open(tokenizer_json) as f:
+        data = json.load(f)
+    vocab = data.get("model", {}).get("vocab")
+    ids = dict(vocab) if isinstance(vocab, dict) else {}
+    ids.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
+    return ids
+
+
+def compare_tokenizers(ref_dir: str, got_dir: str) -> list[str]:
+    ref_file, got_file = os.path.join(ref_dir, "tokenizer.json"), os.path.join(got_dir, "tokenizer.json")
+    if not os.path.exists(ref_file):
+        return []
+    if not os.path.exists(got_file):
+        return ["tokenizer.json missing"]
+    ref, got = token_ids(ref_file), token_ids(got_file)
+    differ = sorted(t for t in set(ref) | set(got) if ref.get(t) != got.get(t))
+    return [f"token ids differ for {len(differ)} tokens (e.g. {differ[:3]})"] if differ else []
+
+
+def compare_outputs(name: str, recipe: dict, ref_dir: str, got_dir: str) -> list[str]:
+    """Every problem found between mergekit's output ``ref_dir`` and ray-merge's ``got_dir``."""
+    ref, got = load_tensors(ref_dir), load_tensors(got_dir)
+    if not ref:
+        return [f"mergekit wrote no safetensors in {ref_dir}"]
+    if not got:
+        return [f"ray-merge wrote no safetensors in {got_dir}"]
+    if name.endswith("_stat"):
+        problems = compare_statistics(ref, got, load_tensors(recipe["base_model"]))
+    else:
+        problems = compare_values(ref, got)
+    problems += compare_configs(ref_dir, got_dir)
+    if "tokenizer" in recipe or "tokenizer_source" in recipe:
+        problems += compare_tokenizers(ref_dir, got_dir)
+    return problems
+
+
+def prepare(recipe_path: str, fixtures: str, work: str) -> tuple[str, str, dict]:
+    """Write the recipe with FIX/ resolved into WORK; return (name, written path, parsed recipe)."""
+    import yaml
+
+    name = os.path.splitext(os.path.basename(recipe_path))[0]
+    with open(recipe_path) as f:
+        text = f.read().replace("FIX/", os.path.abspath(fixtures) + "/")
+    os.makedirs(work, exist_ok=True)
+    path = os.path.join(work, name + ".yml")
+    with open(path, "w") as f:
+        f.write(text)
+    return name, path, yaml.safe_load(text)
+
+
+def run_command(argv: list[str], log: str, timeout: float = 900) -> tuple[int, float, str]:
+    """Run a command, its output going to ``log``; return (exit status, seconds, the log's last lines)."""
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    start = time.time()
+    with open(log, "w") as out:
+        try:
+            rc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, timeout=timeout,
+                                env=dict(os.environ, HF_HUB_OFFLINE="1")).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+            out.write(f"\n(killed after {timeout:.0f} s)\n")
+        except OSError as e:  # the program itself is missing
+            rc = 127
+            out.write(f"\ncannot run {argv[0]}: {e}\n")
+    with open(log, errors="replace") as f:
+        tail = "\n".join(f.read().strip().splitlines()[-25:])
+    return rc, time.time() - start, tail
+
+
+def run_mergekit(command: str, config: str, out: str) -> tuple[int, float, str]:
+    """mergekit's output for ``config`` in ``out``; a finished earlier output is reused."""
+    if os.path.exists(os.path.join(out, "config.json")):
+        return 0, 0.0, ""
+    shutil.rmtree(out, ignore_errors=True)
+    rc, seconds, tail = run_command(shlex.split(command.format(config=config, out=out)), out + ".log")
+    if rc != 0:
+        shutil.rmtree(out, ignore_errors=True)  # never reuse a half-written reference
+    return rc, seconds, tail
+
+
+def run_ours(command: str, config: str, out: str) -> tuple[int, float, str]:
+    shutil.rmtree(out, ignore_errors=True)
+    return run_command(shlex.split(command.format(config=config, out=out)), out + ".log")
+
+
+def check_recipe(recipe_path: str, fixtures: str, work: str, mergekit: str, ours: str) -> tuple[str, list[str]]:
+    """Run one recipe through both tools and compare; return (name, problems). A tool that fails is a
+    problem whose text holds the end of that tool's output."""
+    name, config, recipe = prepare(recipe_path, fixtures, work)
+    ref_dir, got_dir = os.path.join(work, "mergekit", name), os.path.join(work, "ours", name)
+    rc, _, tail = run_mergekit(mergekit, config, ref_dir)
+    if rc != 0:
+        return name, [f"mergekit failed (exit {rc}) on {config}:\n{tail}"]
+    rc, _, tail = run_ours(ours, config, got_dir)
+    if rc != 0:
+        return name, [f"ray-merge failed (exit {rc}) on {config}:\n{tail}"]
+    return name, compare_outputs(name, recipe, ref_dir, got_dir)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--fixtures", required=True, help="directory written by make_fixtures.py")
+    p.add_argument("--work", required=True, help="where the resolved recipes and both outputs go")
+    p.add_argument("--mergekit", default="mergekit-yaml {config} {out} --random-seed 0",
+                   help="mergekit command; {config} and {out} are filled in")
+    p.add_argument("--ours", default=f"{shlex.quote(sys.executable)} -m ray_merge.cli run {{config}} {{out}} "
+                                     "--random-seed 0 --quiet", help="ray-merge command, likewise")
+    p.add_argument("recipes", nargs="*", help="recipe files (default: tests/recipes/*.yml)")
+    args = p.parse_args(argv)
+    recipes = args.recipes or sorted(glob.glob(os.path.join(RECIPES, "*.yml")))
+    matched = 0
+    for path in recipes:
+        name, problems = check_recipe(path, args.fixtures, args.work, args.mergekit, args.ours)
+        if problems:
+            first = problems[0].splitlines()
+            print(f"{name}: FAIL ({len(problems)} problems) {first[0]}")
+            for line in first[1:]:
+                print(f"    {line}")
+        else:
+            matched += 1
+            print(f"{name}: ok")
+    print(f"conformance: {matched}/{len(recipes)} recipes match mergekit")
+    return 0 if recipes and matched == len(recipes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
