@@ -25,7 +25,8 @@ log = logging.getLogger("ray_merge")
 
 def make_plan(recipe: Recipe, options: MergeOptions) -> Plan:
     return plan_recipe(recipe, out_shard_bytes=options.out_shard_bytes, allow_crimes=options.allow_crimes,
-                       seed=options.random_seed, trust_remote_code=options.trust_remote_code)
+                       seed=options.random_seed, trust_remote_code=options.trust_remote_code,
+                       unsafe_truncate_embeddings=options.unsafe_truncate_embeddings)
 
 
 # An executor takes (plan, shards to do, staging dir, options, on_shard) and writes those shards.

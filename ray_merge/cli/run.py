@@ -25,7 +25,7 @@ def add_merge_flags(p, help=None) -> None:
     """Flags of every command that plans a recipe (run, plan, submit, multi)."""
     add_options(p, CommandFlags, only=["overrides"], help=help)
     add_options(p, MergeOptions, only=["random_seed", "out_shard_bytes", "allow_crimes", "trust_remote_code",
-                                       "memory_budget"], help=help)
+                                       "memory_budget", "unsafe_truncate_embeddings"], help=help)
     add_options(p, CommandFlags, only=["verbose"])
     add_options(p, MergeOptions, only=["quiet"])
 

@@ -33,8 +33,12 @@ def elect_sign(
     else:
         scales = scales or [1.0] * len(deltas)
         total = torch.mul(deltas[0], scales[0])
+        product = torch.empty_like(total) if len(deltas) > 1 else None
         for d, c in zip(deltas[1:], scales[1:]):
-            total.add_(d, alpha=c)
+            # each product rounded before the sum, as mergekit's weighted deltas are: add_(d, alpha=c) may
+            # fuse the multiply-add into one rounding, which flips the sign where two deltas cancel exactly
+            torch.mul(d, c, out=product)
+            total.add_(product)
     # sign() is -1, 0 or 1; +0.5 then sign() again sends 0 (a tie) to +1. Cheaper than copysign.
     return total.sign_().add_(0.5).sign_()
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Optional
+
+import torch
 
 from ray_merge.dtypes import DTYPE_BY_NAME, dtype_name, itemsize
 from ray_merge.errors import UserError
@@ -32,9 +35,21 @@ from ray_merge.planner.architecture import (
     packed_per_layer,
 )
 from ray_merge.planner.layer_config import check_same_layers, layer_values, stack_layer_fields
-from ray_merge.planner.vocab import RowRemap, TokenizerPlan, shape_mismatch_hint, vocab_planner
+from ray_merge.planner.vocab import (
+    RowRemap,
+    TokenizerPlan,
+    check_vocab_widths,
+    is_vocab_tensor_name,
+    set_config_vocab_size,
+    shape_mismatch_hint,
+    truncated,
+    vocab_planner,
+    warn_if_no_tokenizer,
+)
 from ray_merge.recipe.params import _MISSING, resolve
 from ray_merge.recipe.schema import OutputSlice, Recipe, SliceSource
+
+log = logging.getLogger("ray_merge")
 
 
 @dataclass(frozen=True)
@@ -61,7 +76,7 @@ class PlannedTensor:
     out_dtype: str
     inputs: list[TensorInput]
     base_index: Optional[int]
-    compute_dtype: Optional[str]  # None: keep each input's dtype
+    compute_dtype: Optional[str]  # the recipe's dtype, else the inputs' promoted one; None: non-float buffer
     params: dict
     model_params: list[dict]
     method: str
@@ -153,13 +168,16 @@ class _ModelMeta:
 
 class Planner:
     def __init__(self, recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 allow_crimes: bool = False, seed: Optional[int] = None, trust_remote_code: bool = False):
+                 allow_crimes: bool = False, seed: Optional[int] = None, trust_remote_code: bool = False,
+                 unsafe_truncate_embeddings: bool = False):
         self.recipe = recipe
         self.method: MergeMethod = get_method(recipe.merge_method)
         self.out_shard_bytes = out_shard_bytes
         self.allow_crimes = allow_crimes
         self.seed = seed
         self.trust_remote_code = trust_remote_code  # for the tokenizers a vocabulary merge loads
+        self.unsafe_truncate_embeddings = unsafe_truncate_embeddings  # no tokenizer setting: keep the common rows
+        self._truncated_rows: Optional[int] = None  # the rows truncated vocabulary tensors keep
         self._meta: dict[ModelRef, _ModelMeta] = {}
         self._order: list[ModelRef] = []
         self.vocab = None  # vocab.VocabPlanner when the recipe sets tokenizer / chat_template
@@ -194,6 +212,11 @@ class Planner:
 
         self.vocab = vocab_planner(recipe, [(str(r), self._meta[r].path, self._meta[r].config) for r in self._order],
                                    self._order.index(donor_ref), self.trust_remote_code)
+        if self.vocab is None:
+            warn_if_no_tokenizer(str(donor_ref), donor.path)
+        elif self.unsafe_truncate_embeddings and self.vocab.remaps:
+            log.warning("--unsafe-truncate-embeddings has no effect: the recipe's tokenizer settings align the "
+                        "vocabularies (as in mergekit)")
         tensors: list[PlannedTensor] = []
 
         # Tensors outside the layers: embeddings from the first slice, the rest from the last.
@@ -231,6 +254,8 @@ class Planner:
         out_config = self._out_config(donor, stack)
         if self.vocab is not None:
             self.vocab.update_config(out_config)
+        if self._truncated_rows is not None:  # mergekit keeps the donor's vocab_size, which then does not load
+            set_config_vocab_size(out_config, self._truncated_rows)
         tensors, shards = self._shard(tensors)
         models = [InputModel(str(r), self._meta[r].path) for r in self._order]
         return Plan(
@@ -342,8 +367,10 @@ class Planner:
             return None  # an optional tensor (e.g. a tied lm_head) nobody has
         shapes = {tm.shape for _, _, tm in metas}
         vocab_rows = self.vocab is not None and self.vocab.is_vocab_tensor(out_name, shapes)
-        if vocab_rows:  # rows are remapped to the output vocabulary; the widths must agree
-            self.vocab.check_shapes(out_name, metas)
+        truncate = (not vocab_rows and len(shapes) > 1 and self.unsafe_truncate_embeddings
+                    and is_vocab_tensor_name(out_name))
+        if vocab_rows or truncate:  # rows are remapped to the output vocabulary; the widths must agree
+            check_vocab_widths(out_name, metas, recipe.source)
         elif len(shapes) > 1:
 
             desc = ", ".join(f"{ref}: {list(tm.shape)}" for ref, _, tm in metas)
@@ -386,6 +413,8 @@ class Planner:
         compute = recipe.dtype
         if non_float:
             compute = None
+        elif compute is None:  # mergekit: the inputs promoted to one dtype (bf16 + fp16 -> fp32), output too
+            compute = _promoted_dtype([tm.dtype for _, _, tm in metas])
         out_dtype = recipe.out_dtype or compute or dtype_name(first_dtype)
         half_result = method.extra.get("half_result_dtype")
         if half_result and not recipe.out_dtype and out_dtype in ("float16", "bfloat16"):
@@ -416,6 +445,9 @@ class Planner:
         )
         if vocab_rows:
             pt = self.vocab.remapped(pt, method)
+        elif truncate:
+            pt = truncated(pt, method)
+            self._truncated_rows = min(pt.shape[0], self._truncated_rows or pt.shape[0])
         return pt
 
     def _default(self, p, value, tensor: str, model: Optional[ModelRef], *, is_base: bool):
@@ -474,6 +506,14 @@ def _check_buffer(out_name: str, metas: list[tuple[ModelRef, str, TensorMeta]], 
         raise UserError(f"tensor {out_name} has dtype {dtype_name(metas[0][2].dtype)} and differs between the "
                         f"models ({kinds}); integer tensors (quantized weights?) cannot be merged, only a buffer "
                         "every model holds identically is copied", source=source)
+
+
+def _promoted_dtype(dtypes) -> str:
+    """The dtype every input of a tensor is cast to when the recipe sets none (torch's type promotion)."""
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return dtype_name(out)
 
 
 def _few(names: list[str], n: int = 4) -> str:

@@ -6,7 +6,8 @@ input's vocabulary, the ``base`` model's, or a named model's; plus any tokens th
 ``tokens`` overrides add) and, for every input model, where each output token lives in
 that model's embedding (its *permutation*; -1 where the model lacks the token).
 
-Every tensor on the vocabulary axis (``embed_tokens``, ``lm_head``, ``wte``, ...) then
+Every tensor on the vocabulary axis (``embed_tokens``, ``lm_head``, ``wte``, ..., weights and
+1-D biases such as phi's ``lm_head.bias``) then
 gets a :class:`RowRemap`: for each input model and each output row, which row of that
 model to use. A model that lacks a token (or whose row is overridden with
 ``force: true``) sees a *default* row instead, chosen as mergekit does:
@@ -22,6 +23,11 @@ Rows added by ``pad_to_multiple_of`` take each model's mean row over the vocabul
 The merge method then runs on these aligned per-model tensors, so every method works
 across vocabularies.
 
+Without tokenizer settings, vocabularies of different sizes are an error, unless
+``--unsafe-truncate-embeddings`` (mergekit's flag): then each vocabulary tensor keeps the
+first rows every model has, ids taken as they are (:func:`truncated`), and the output
+config's ``vocab_size`` says so. With tokenizer settings the flag has no effect.
+
 Memory (ray_merge.execute.rows): only the rows an output chunk needs are read (row ranges
 through ray_merge.io, never the whole tensor), and for methods whose output rows depend only on the same input rows
 (``row_splittable``) the merged tensor is computed and written chunk by chunk, the chunk
@@ -31,6 +37,7 @@ per-model tensors are assembled chunk by chunk (the originals are never loaded w
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import tempfile
@@ -42,7 +49,7 @@ import torch
 from ray_merge.chat_template import resolve_chat_template
 from ray_merge.errors import UserError
 from ray_merge.io.models import ModelRef, resolve_model_dir
-from ray_merge.io.tokenizers import _load_tokenizer, _reload, _save, _strip_tokenizer
+from ray_merge.io.tokenizers import TOKENIZER_FILES, _load_tokenizer, _reload, _save, _strip_tokenizer
 from ray_merge.recipe.tokenizer import _same_model, parse_tokenizer_settings
 
 log = logging.getLogger("ray_merge")
@@ -81,15 +88,36 @@ def set_config_vocab_size(config: dict, n: int) -> None:
 
 
 def is_vocab_tensor_name(name: str) -> bool:
+    """Embedding and output-head tensors, weights and biases (``lm_head.bias``): one row per token."""
     parts = name.split(".")
-    return len(parts) >= 2 and parts[-2] in VOCAB_TENSOR_NAMES and parts[-1] == "weight"
+    return len(parts) >= 2 and parts[-2] in VOCAB_TENSOR_NAMES and parts[-1] in ("weight", "bias")
 
 
 def shape_mismatch_hint(name: str) -> str:
     if is_vocab_tensor_name(name):
         return ("; the vocabularies differ: set 'tokenizer: {source: union}' (or base, or a model) "
-                "to merge them")
+                "to merge them (or, if the ids agree, --unsafe-truncate-embeddings to keep the common rows)")
     return ""
+
+
+def check_vocab_widths(name: str, metas, source) -> None:
+    """Vocabulary tensors may differ in rows only: every other dimension must agree."""
+    rest = {tuple(tm.shape[1:]) for _, _, tm in metas}
+    if len(rest) > 1:
+        desc = ", ".join(f"{ref}: {list(tm.shape)}" for ref, _, tm in metas)
+        raise UserError(f"tensor {name}: embedding widths differ across models ({desc})", source=source)
+
+
+def warn_if_no_tokenizer(ref: str, path: str) -> None:
+    """The donor has no tokenizer files: the output gets none (mergekit logs an error and writes none)."""
+    if not any(os.path.exists(os.path.join(path, n)) for n in TOKENIZER_FILES):
+        _warn_once(f"model {ref} (whose tokenizer the output takes) has no tokenizer files: the merged model is "
+                   "written without a tokenizer (as mergekit does); copy one into it before use")
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning("%s", message)
 
 
 # ---------------------------------------------------------------------------
@@ -172,6 +200,9 @@ class VocabPlanner:
         s = self.settings
         base_i = self.donor
         base_ref, base_dir, _ = self.models[base_i]
+        if not any(os.path.exists(os.path.join(base_dir, n)) for n in TOKENIZER_FILES):
+            raise self._err(s.key, f"model {base_ref} has no tokenizer files, and the output tokenizer is built on "
+                                   "its tokenizer (mergekit fails here too); add them or drop this setting")
         base_raw = _load_tokenizer(base_dir, base_ref, True, trust_remote_code)
         base_tok = _strip_tokenizer(base_raw, self._vocab_size(base_i, base_raw), base_ref, trust_remote_code)
         toks: dict[int, Any] = {base_i: base_tok}
@@ -301,15 +332,10 @@ class VocabPlanner:
         return self.remaps and is_vocab_tensor_name(name) and all(len(s) >= 1 for s in shapes)
 
     def check_shapes(self, name: str, metas) -> None:
-        rest = {tuple(tm.shape[1:]) for _, _, tm in metas}
-        if len(rest) > 1:
-            desc = ", ".join(f"{ref}: {list(tm.shape)}" for ref, _, tm in metas)
-            raise UserError(f"tensor {name}: embedding widths differ across models ({desc})",
-                            source=self.recipe.source)
+        check_vocab_widths(name, metas, self.recipe.source)
 
     def remapped(self, pt, method):
         """A planned vocabulary tensor with its RowRemap, output shape and working memory."""
-        n_in = len(pt.inputs)
         V = self.plan.n_vocab
         P = torch.stack([self.perms[i.model] for i in pt.inputs]).to(torch.int64)
         for k, inp in enumerate(pt.inputs):
@@ -354,41 +380,60 @@ class VocabPlanner:
             def_row[r] = row
         need = force | (~has).any(0)
         kind[~need] = NONE
-
-        in_dtypes = [getattr(torch, i.dtype) for i in pt.inputs]
-        comp = pt.compute_dtype
-        if comp is None:
-            d = in_dtypes[0]
-            for x in in_dtypes[1:]:
-                d = torch.promote_types(d, x)
-            comp = str(d).removeprefix("torch.")
-        rest = tuple(pt.inputs[0].shape[1:])
-        width = 1
-        for d in rest:
-            width *= d
-        comp_sz = getattr(torch, comp).itemsize
-        in_sz = max(d.itemsize for d in in_dtypes)
-        out_sz = getattr(torch, pt.out_dtype).itemsize
-        ws = method.extra.get("workspace_tensors", 2) if method is not None else 2
-        # per output row: fetched rows (up to 2 per model), per-model rows, one read range,
-        # float32 mean accumulator, method temporaries, the output (and its write copy)
-        per_row = width * (3 * n_in * comp_sz + in_sz + 4 + ws * comp_sz + 2 * out_sz)
-        chunked = bool(method is not None and method.row_splittable and not method.randomized)
-        out_rows = self.plan.out_rows
-        whole = out_rows * width * (comp_sz * (n_in + ws) + out_sz)
-        rm = RowRemap(
-            n_vocab=V, out_rows=out_rows, perm=P.to(torch.int32), force=force, kind=kind, def_input=def_input,
-            def_row=def_row.to(torch.int32), chunked=chunked, compute_dtype=comp, rest=rest,
-            per_row_bytes=per_row, whole_bytes=0 if chunked else whole,
-        )
-        # as for any tensor: the working set of merging it at once (memory.row_bytes() divides
-        # it by the rows); a chunked remap never needs more than rows_per_chunk() rows of it
-        working = int(per_row * out_rows if chunked else whole + per_row * min(out_rows, MIN_CHUNK_ROWS))
-        return dataclasses.replace(pt, row_remap=rm, shape=(out_rows, *rest), working_bytes=working)
+        return _with_remap(pt, method, P, force, kind, def_input, def_row, V, self.plan.out_rows)
 
     def update_config(self, config: dict) -> None:
         if self.remaps:
             set_config_vocab_size(config, self.plan.out_rows)
+
+
+def truncated(pt, method):
+    """``--unsafe-truncate-embeddings`` (mergekit's rule): a vocabulary tensor whose inputs differ in rows keeps
+    the rows every input has, ids taken as they are; the rest are dropped."""
+    rows = min(i.shape[0] for i in pt.inputs)
+    shapes = [list(i.shape) for i in pt.inputs]
+    log.warning("UNSAFE vocabulary truncation for %s: %s -> %s; this assumes the models' token ids agree on "
+                "the rows kept (set 'tokenizer:' to align the vocabularies instead)", pt.name, shapes,
+                [rows, *shapes[0][1:]])
+    P = torch.arange(rows, dtype=torch.int64).repeat(len(pt.inputs), 1)
+    kind = torch.full((rows,), NONE, dtype=torch.int8)
+    zeros = torch.zeros(rows, dtype=torch.int64)
+    return _with_remap(pt, method, P, torch.zeros(rows, dtype=torch.bool), kind, zeros.to(torch.int16), zeros,
+                       rows, rows)
+
+
+def _with_remap(pt, method, P, force, kind, def_input, def_row, n_vocab: int, out_rows: int):
+    """``pt`` with its RowRemap (output row -> each input's row, defaults), output shape and working memory."""
+    n_in = len(pt.inputs)
+    in_dtypes = [getattr(torch, i.dtype) for i in pt.inputs]
+    comp = pt.compute_dtype
+    if comp is None:
+        d = in_dtypes[0]
+        for x in in_dtypes[1:]:
+            d = torch.promote_types(d, x)
+        comp = str(d).removeprefix("torch.")
+    rest = tuple(pt.inputs[0].shape[1:])
+    width = 1
+    for d in rest:
+        width *= d
+    comp_sz = getattr(torch, comp).itemsize
+    in_sz = max(d.itemsize for d in in_dtypes)
+    out_sz = getattr(torch, pt.out_dtype).itemsize
+    ws = method.extra.get("workspace_tensors", 2) if method is not None else 2
+    # per output row: fetched rows (up to 2 per model), per-model rows, one read range,
+    # float32 mean accumulator, method temporaries, the output (and its write copy)
+    per_row = width * (3 * n_in * comp_sz + in_sz + 4 + ws * comp_sz + 2 * out_sz)
+    chunked = bool(method is not None and method.row_splittable and not method.randomized)
+    whole = out_rows * width * (comp_sz * (n_in + ws) + out_sz)
+    rm = RowRemap(
+        n_vocab=n_vocab, out_rows=out_rows, perm=P.to(torch.int32), force=force, kind=kind, def_input=def_input,
+        def_row=def_row.to(torch.int32), chunked=chunked, compute_dtype=comp, rest=rest,
+        per_row_bytes=per_row, whole_bytes=0 if chunked else whole,
+    )
+    # as for any tensor: the working set of merging it at once (memory.row_bytes() divides
+    # it by the rows); a chunked remap never needs more than rows_per_chunk() rows of it
+    working = int(per_row * out_rows if chunked else whole + per_row * min(out_rows, MIN_CHUNK_ROWS))
+    return dataclasses.replace(pt, row_remap=rm, shape=(out_rows, *rest), working_bytes=working)
 
 
 # ---------------------------------------------------------------------------
