@@ -127,7 +127,7 @@ class EvalConfig:
     include_paths: list[str] = field(default_factory=list)
     lm_eval: dict = field(default_factory=dict)  # more simple_evaluate() arguments
     model_args: dict = field(default_factory=dict)  # more HFLM(...) / vllm.LLM(...) arguments
-    vllm_python: Optional[str] = None  # the python of vLLM's venv (default $RAY_MERGE_VLLM_PYTHON, /opt/vllm-venv)
+    vllm_python: Optional[str] = None  # the python of vLLM's venv (default $RAY_MERGE_VLLM_PYTHON, else .venv-vllm/bin/python)
     in_flight: int = 2  # candidates per evaluator at once: one evaluating, the next being built
     score_inputs: bool = True  # also score every input model (reported next to the search's best)
     torch_threads: Optional[int] = None  # default: the actor's CPUs

