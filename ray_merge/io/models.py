@@ -44,7 +44,7 @@ def resolve_model_dir(ref: ModelRef, *, weights: bool = True, allow_patterns: Op
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HFValidationError
 
-        patterns = allow_patterns or (META_PATTERNS + (WEIGHT_PATTERNS if weights else []))
+        patterns = allow_patterns or (META_PATTERNS + (hub_weight_files(ref) if weights else []))
         return snapshot_download(ref.path, revision=ref.revision, allow_patterns=patterns)
     except HFValidationError:
         raise UserError(f"model {ref}: not a directory and not a valid hub id")
@@ -53,6 +53,32 @@ def resolve_model_dir(ref: ModelRef, *, weights: bool = True, allow_patterns: Op
             f"model {ref}: not a local directory and not available from the Hugging Face hub "
             f"({type(e).__name__})"
         )
+
+
+def hub_weight_files(ref: ModelRef) -> list[str]:
+    """The weight files of a hub repository to fetch: one format only, safetensors when it has them.
+
+    Repositories often ship the same weights twice (``*.safetensors`` and ``pytorch_model*.bin``, or a
+    sharded ``model-*.safetensors`` set beside a ``consolidated.safetensors``); with an index, only the files
+    it names are fetched. When the file list cannot be had (offline), the cached snapshot decides.
+    """
+    from huggingface_hub import HfApi, hf_hub_download
+
+    try:
+        files = set(HfApi().list_repo_files(ref.path, revision=ref.revision))
+    except Exception:  # offline, or the hub unreachable: snapshot_download falls back to its cache
+        return WEIGHT_PATTERNS
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if index in files:
+            with open(hf_hub_download(ref.path, index, revision=ref.revision), encoding="utf-8") as f:
+                named = set(json.load(f).get("weight_map", {}).values())
+            return [index, *sorted(named)]
+        if single in files:
+            return [single]
+    if any(f.endswith(".safetensors") for f in files):
+        return ["*.safetensors"]
+    return WEIGHT_PATTERNS
 
 
 def read_config(model_dir: str, label: str) -> dict:
