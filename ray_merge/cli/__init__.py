@@ -81,6 +81,9 @@ def main(argv=None) -> int:
         how = f"stopped by {e}" if str(e) else "interrupted"
         print(f"ray-merge: {how}; rerun with --resume to continue", file=sys.stderr)
         return getattr(e, "exit_code", 130)
+    except BrokenPipeError:  # `ray-merge methods | head`: the reader has gone, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:
         # disk full, permission denied while writing, ...: name the file, no traceback
         where = f" {e.filename}" if getattr(e, "filename", None) else ""

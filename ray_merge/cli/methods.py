@@ -22,5 +22,18 @@ def cmd_methods(args) -> int:
         for p in m.params:
             scope = "per model" if p.per_model else "global"
             default = "required" if p.default is REQUIRED else f"default {p.default!r}"
-            print(f"    {p.name:<18} {scope:<9} {default:<16} {p.help}")
+            print(f"    {p.name:<18} {scope:<9} {default:<16} {_range(p):<10} {p.help}")
     return 0
+
+
+def _range(p) -> str:
+    """A parameter's valid range as the recipe check enforces it: [0, 1], >= 0, any."""
+    if p.kind is bool:
+        return "bool"
+    if p.min is not None and p.max is not None:
+        return f"[{p.min:g}, {p.max:g}]"
+    if p.min is not None:
+        return f">= {p.min:g}"
+    if p.max is not None:
+        return f"<= {p.max:g}"
+    return "any"
