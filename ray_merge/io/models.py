@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from ray_merge.errors import UserError
+from ray_merge.io.quantized import Quantized, dequantized_index, read_dequantized
 
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
                    "pytorch_model.bin.index.json"]
@@ -27,6 +28,7 @@ SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,  # FP8 checkpoints' power-of-two block scales
 }
 
 
@@ -99,6 +101,7 @@ class TensorMeta:
     shape: tuple[int, ...]
     dtype: torch.dtype
     offset: Optional[int] = None  # where its bytes start in a safetensors file
+    quant: Optional[Quantized] = None  # a quantized tensor, read dequantized (shape and dtype: dequantized)
 
     @property
     def numel(self) -> int:
@@ -203,7 +206,26 @@ def _tensor_entry_problem(info) -> Optional[str]:
 
 
 def index_weights(model_dir: str, label: str) -> dict[str, TensorMeta]:
-    """Map every tensor name of a model to its file, shape and dtype."""
+    """Map every tensor name of a model to its file, shape and dtype.
+
+    Quantized weights (block-scaled FP8, MXFP4) appear dequantized, without their scales (see
+    io/quantized); other quantized formats are refused.
+    """
+    return dequantized_index(_raw_index(model_dir, label), _config_if_any(model_dir), label)
+
+
+def _config_if_any(model_dir: str) -> dict:
+    """config.json when the model has a readable one, else {} (read_config reports what is wrong with it)."""
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _raw_index(model_dir: str, label: str) -> dict[str, TensorMeta]:
+    """Every tensor of the model's weight files, as stored."""
     st_files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     index: dict[str, TensorMeta] = {}
     if st_files:
@@ -384,16 +406,24 @@ class WeightReader:
 
     def read(self, name: str) -> torch.Tensor:
         meta = self.index[name]
-        if meta.offset is not None:
-            return _read_tensor(meta)
-        return self._bin(meta.file)[name]
+        if meta.quant is not None:
+            return read_dequantized(meta.quant, meta.dtype, self._read_raw)
+        return self._read_raw(name, meta)
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of a tensor; for safetensors only those bytes are read."""
         meta = self.index[name]
+        if meta.quant is not None:
+            return read_dequantized(meta.quant, meta.dtype, self._read_raw, start, stop)
+        return self._read_raw(name, meta, start, stop)
+
+    def _read_raw(self, name: str, meta: TensorMeta, start: Optional[int] = None,
+                  stop: Optional[int] = None) -> torch.Tensor:
+        """A tensor as stored, or its rows [start, stop)."""
         if meta.offset is not None:
-            return _read_into_memory(meta, start, stop)
-        return self._bin(meta.file)[name][start:stop]
+            return _read_tensor(meta) if start is None else _read_into_memory(meta, start, stop)
+        tensor = self._bin(meta.file)[name]
+        return tensor if start is None else tensor[start:stop]
 
     def close(self) -> None:
         self._bins.clear()

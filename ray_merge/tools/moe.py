@@ -36,6 +36,7 @@ from ray_merge.io.models import (
     read_config,
     resolve_model_dir,
 )
+from ray_merge.io.quantized import unquantized_config
 from ray_merge.output.files import (
     OutTensor,
     abort_output,
@@ -398,7 +399,7 @@ def degenerate_layers(vecs: torch.Tensor, threshold: float = 5.0) -> list[int]:
 def out_config(arch: str, base_cfg: dict, cfg: MoEConfig, intermediate: int, dtype: str) -> dict:
     import transformers
 
-    d = {k: v for k, v in base_cfg.items()
+    d = {k: v for k, v in unquantized_config(base_cfg).items()  # experts are written unquantized
          if k not in ("model_type", "architectures", "transformers_version", "attention_bias", "mlp_bias",
                       "pretraining_tp", "_name_or_path", "auto_map", "torch_dtype", "dtype", "use_sliding_window",
                       "sliding_window", "max_window_layers", "layer_types")}
