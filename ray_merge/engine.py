@@ -59,7 +59,7 @@ def run_merge(recipe: Recipe, out_dir: str, options: MergeOptions,
         def on_shard(res: ShardResult) -> None:
             journal_shard(stage, res)
             records[res.index] = {"index": res.index, "filename": res.filename, "checksum": res.checksum,
-                                  "nbytes": res.nbytes}
+                                  "nbytes": res.nbytes, "non_finite": res.non_finite}
 
         total = sum(s.nbytes for s in todo)
         with tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=options.quiet) as bar:

@@ -347,3 +347,54 @@ def test_failed_run_keeps_finished_shards_and_foreign_files(tmp_path, models_dir
     monkeypatch.setattr(stream, "compute_tensor", real)
     run_merge(recipe, str(out), options)
     assert (out / "ray_merge_manifest.json").exists()
+
+
+def test_nan_in_an_input_is_warned_about_and_counted(tmp_path):
+    """NaN/inf in an input pass into the merge (as in mergekit), but never silently: a warning names the tensor
+    and the input holding them, and the manifest counts them per tensor."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from models import build_model, save_model
+
+    a = save_model(build_model("llama", seed=3), str(tmp_path / "a"))
+    b = save_model(build_model("llama", seed=4), str(tmp_path / "b"))
+    weights = os.path.join(b, "model.safetensors")
+    sd = load_file(weights)
+    name = "model.layers.1.mlp.up_proj.weight"
+    sd[name][0, :3] = float("nan")
+    sd[name][1, 0] = float("inf")
+    save_file(sd, weights, metadata={"format": "pt"})
+    recipe = write_recipe(tmp_path / "r.yml", f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: "
+                          f"{{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\ndtype: float32\n")
+    proc = run_cli("run", recipe, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    warnings = [line for line in proc.stderr.splitlines() if "NaN/inf" in line]
+    assert len(warnings) == 1 and name in warnings[0] and b in warnings[0] and "(4)" in warnings[0], proc.stderr
+    manifest = json.load(open(tmp_path / "out" / "ray_merge_manifest.json"))
+    assert manifest["non_finite_values"] == {name: 4}
+
+
+def test_float8_inputs_without_dtype_is_one_line(tmp_path):
+    """Plain float8 weights (no scales) cannot be merged in float8: one line asking for a dtype; with one, it runs."""
+    from safetensors.torch import load_file, save_file
+
+    from models import build_model, save_model
+
+    paths = []
+    for i in range(2):
+        p = save_model(build_model("llama", seed=i), str(tmp_path / f"m{i}"))
+        weights = os.path.join(p, "model.safetensors")
+        save_file({k: v.to(torch.float8_e4m3fn) for k, v in load_file(weights).items()}, weights,
+                  metadata={"format": "pt"})
+        paths.append(p)
+    recipe = write_recipe(tmp_path / "r.yml", f"merge_method: linear\nmodels:\n  - model: {paths[0]}\n    parameters: "
+                          f"{{weight: 0.5}}\n  - model: {paths[1]}\n    parameters: {{weight: 0.5}}\n")
+    proc = run_cli("run", recipe, tmp_path / "out")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "float8_e4m3fn" in lines[-1] and "dtype" in lines[-1] and str(recipe) in lines[-1]
+    assert not os.path.exists(tmp_path / "out") and not os.path.exists(f"{tmp_path / 'out'}.ray-merge-partial")
+    proc = run_cli("run", recipe, tmp_path / "out", "--set", "dtype=bfloat16")
+    assert proc.returncode == 0, proc.stderr[-2000:]

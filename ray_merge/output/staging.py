@@ -233,7 +233,7 @@ def read_journal(stage: str) -> dict[int, dict]:
 
 def journal_shard(stage: str, result) -> None:
     rec = {"index": result.index, "filename": result.filename, "checksum": result.checksum,
-           "nbytes": result.nbytes, "time": time.time()}
+           "nbytes": result.nbytes, "non_finite": result.non_finite, "time": time.time()}
     path = os.path.join(stage, JOURNAL)
     try:
         with open(path, "a") as f:
@@ -276,7 +276,10 @@ def finalize(plan: Plan, stage: str, out_dir: str, shard_records: dict[int, dict
         "merge_method": plan.method,
         "random_seed": plan.seed,
         "inputs": [{"ref": m.ref, "path": m.path} for m in plan.models],
-        "shards": [shard_records[s.index] for s in plan.shards],
+        "shards": [{k: v for k, v in shard_records[s.index].items() if k != "non_finite"} for s in plan.shards],
+        # NaN/inf values per merged tensor (inputs holding them pass them on: they are warned about, not hidden)
+        "non_finite_values": {name: n for s in plan.shards
+                              for name, n in shard_records[s.index].get("non_finite", {}).items()},
         "versions": package_versions(),
         **(extra_manifest or {}),
     }

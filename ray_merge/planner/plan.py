@@ -27,6 +27,7 @@ from ray_merge.io.models import (
     resolve_model_dir,
     same_data,
 )
+from ray_merge.io.quantized import unquantized_config
 from ray_merge.methods import MergeMethod, get_method
 from ray_merge.options import DEFAULT_SHARD_BYTES
 from ray_merge.planner.architecture import (
@@ -35,6 +36,7 @@ from ray_merge.planner.architecture import (
     packed_per_layer,
 )
 from ray_merge.planner.layer_config import check_same_layers, layer_values, stack_layer_fields
+from ray_merge.planner.modules import plan_modules
 from ray_merge.planner.vocab import (
     RowRemap,
     TokenizerPlan,
@@ -204,10 +206,11 @@ class Planner:
         recipe = self.recipe
         for ref in recipe.referenced_models():
             self.meta(ref)
-        slices = self._normalized_slices()
+        slices = self._normalized_slices() if not recipe.modules else []
         self._check_architectures()
 
-        donor_ref = recipe.base_model or slices[0].sources[0].model
+        first_source = slices[0] if slices else next(iter(recipe.modules.values())).slices[0]
+        donor_ref = recipe.base_model or first_source.sources[0].model
         donor = self.meta(donor_ref)
 
         self.vocab = vocab_planner(recipe, [(str(r), self._meta[r].path, self._meta[r].config) for r in self._order],
@@ -217,6 +220,34 @@ class Planner:
         elif self.unsafe_truncate_embeddings and self.vocab.remaps:
             log.warning("--unsafe-truncate-embeddings has no effect: the recipe's tokenizer settings align the "
                         "vocabularies (as in mergekit)")
+        if recipe.modules:  # each module planned with its own slices (planner/modules.py)
+            tensors, out_config = plan_modules(self, donor)
+            out_config = self._out_config(donor, [], out_config)
+        else:
+            tensors, stack = self._plan_slices(slices, donor)
+            self._check_packed(donor, stack)
+            out_config = self._out_config(donor, stack)
+        if self.vocab is not None:
+            self.vocab.update_config(out_config)
+        if self._truncated_rows is not None:  # mergekit keeps the donor's vocab_size, which then does not load
+            set_config_vocab_size(out_config, self._truncated_rows)
+        tensors, shards = self._shard(tensors)
+        models = [InputModel(str(r), self._meta[r].path) for r in self._order]
+        return Plan(
+            recipe=recipe,
+            method=self.method.name,
+            models=models,
+            tensors=tensors,
+            shards=shards,
+            out_config=out_config,
+            donor=self._order.index(donor_ref),
+            seed=self.seed,
+            tokenizer=self.vocab.plan if self.vocab is not None else None,
+        )
+
+    def _plan_slices(self, slices: list[OutputSlice], donor: _ModelMeta
+                     ) -> tuple[list[PlannedTensor], list[tuple[ModelRef, int]]]:
+        """Every output tensor of a `models:` / `slices:` recipe, and where each output layer comes from."""
         tensors: list[PlannedTensor] = []
 
         # Tensors outside the layers: embeddings from the first slice, the rest from the last.
@@ -250,25 +281,7 @@ class Planner:
             if pt:
                 tensors.append(pt)
 
-        self._check_packed(donor, stack)
-        out_config = self._out_config(donor, stack)
-        if self.vocab is not None:
-            self.vocab.update_config(out_config)
-        if self._truncated_rows is not None:  # mergekit keeps the donor's vocab_size, which then does not load
-            set_config_vocab_size(out_config, self._truncated_rows)
-        tensors, shards = self._shard(tensors)
-        models = [InputModel(str(r), self._meta[r].path) for r in self._order]
-        return Plan(
-            recipe=recipe,
-            method=self.method.name,
-            models=models,
-            tensors=tensors,
-            shards=shards,
-            out_config=out_config,
-            donor=self._order.index(donor_ref),
-            seed=self.seed,
-            tokenizer=self.vocab.plan if self.vocab is not None else None,
-        )
+        return tensors, stack
 
     def _normalized_slices(self) -> list[OutputSlice]:
         """`models:` becomes one slice over every layer; the base joins the sources."""
@@ -347,7 +360,10 @@ class Planner:
                             source=self.recipe.source)
 
     def _plan_tensor(self, out_name: str, inputs: list[tuple[ModelRef, str]], sl: OutputSlice,
-                     t: float) -> Optional[PlannedTensor]:
+                     t: float, module_params: Optional[dict] = None,
+                     method: Optional[MergeMethod] = None) -> Optional[PlannedTensor]:
+        """``module_params``: the parameters of a `modules:` recipe's module (between slice and global);
+        ``method``: another method than the recipe's (copy, for the modules a recipe does not list)."""
         recipe = self.recipe
         base_ref = sl.base_model or recipe.base_model
         metas: list[tuple[ModelRef, str, TensorMeta]] = []
@@ -377,7 +393,7 @@ class Planner:
             raise UserError(f"tensor {out_name} has different shapes across models ({desc})"
                             f"{shape_mismatch_hint(out_name)}", source=recipe.source)
 
-        method = self.method
+        method = method or self.method
         base_index = None
         for i, (ref, _, _) in enumerate(metas):
             if ref == base_ref:
@@ -394,8 +410,8 @@ class Planner:
         planned = get_method("copy", internal=True) if non_float else method
         planned.check_inputs(len(metas), base_index is not None, where=out_name, source=recipe.source)
 
-        # Parameters: slice source > slice > global (mergekit's precedence).
-        shared_scopes = [sl.parameters, recipe.parameters]
+        # Parameters: slice source > slice > module > global (mergekit's precedence).
+        shared_scopes = [sl.parameters, module_params, recipe.parameters]
         params = {}
         for p in method.global_params:
             v = resolve(p, shared_scopes, out_name, t)
@@ -403,7 +419,7 @@ class Planner:
         model_params = []
         for i, (ref, in_name, _) in enumerate(metas):
             src_params = next((s.parameters for s in sl.sources if s.model == ref), {})
-            scopes = [src_params, sl.parameters, recipe.parameters]
+            scopes = [src_params, sl.parameters, module_params, recipe.parameters]
             mp = {}
             for p in method.model_params:
                 v = resolve(p, scopes, in_name, t)
@@ -415,6 +431,10 @@ class Planner:
             compute = None
         elif compute is None:  # mergekit: the inputs promoted to one dtype (bf16 + fp16 -> fp32), output too
             compute = _promoted_dtype([tm.dtype for _, _, tm in metas])
+            if compute not in DTYPE_BY_NAME:  # float8 and other storage-only formats: no arithmetic in them
+                raise UserError(f"tensor {out_name} is {compute} in the inputs, which cannot be merged in that "
+                                "dtype; set dtype (e.g. dtype: bfloat16) to merge in it", source=recipe.source,
+                                key="dtype")
         out_dtype = recipe.out_dtype or compute or dtype_name(first_dtype)
         half_result = method.extra.get("half_result_dtype")
         if half_result and not recipe.out_dtype and out_dtype in ("float16", "bfloat16"):
@@ -462,15 +482,18 @@ class Planner:
                             source=self.recipe.source)
         return p.default
 
-    def _out_config(self, donor: _ModelMeta, stack: list[tuple[ModelRef, int]]) -> dict:
+    def _out_config(self, donor: _ModelMeta, stack: list[tuple[ModelRef, int]], cfg: Optional[dict] = None) -> dict:
         """The donor's config.json for the output; for slices, every per-layer field (layer count, layer types,
         MoE layers ...) rewritten from the layers each output layer comes from (see layer_config)."""
-        if self.recipe.from_models:
+        if cfg is not None:
+            pass  # a `modules:` recipe: each module's layer fields already rewritten (planner/modules.py)
+        elif self.recipe.from_models:
             cfg = copy.deepcopy(donor.config)
         else:
             cfg = stack_layer_fields(donor.config, self._layer_values(donor),
                                      [(self._layer_values(self.meta(ref)), i) for ref, i in stack],
                                      [f"layer {i} of {ref}" for ref, i in stack])
+        cfg = unquantized_config(cfg)  # quantized inputs are read dequantized and written unquantized
         dtype = self.recipe.out_dtype or self.recipe.dtype
         if dtype:
             cfg["torch_dtype"] = dtype

@@ -189,6 +189,7 @@ class MergeWorker:
         tensors = self.plan.shard_tensors(shard)
         return {
             "index": res.index, "filename": shard.filename, "checksum": res.checksum, "nbytes": res.nbytes,
+            "non_finite": res.non_finite,
             "worker": self.rank, "node_id": self.node_id, "node_ip": self.node_ip, "pid": os.getpid(),
             "wall_s": time.time() - t0, "bytes_read": sum(pt.in_bytes for pt in tensors),
             "peak_rss": peak, "baseline_rss": self.baseline_rss,

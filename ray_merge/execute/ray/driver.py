@@ -335,7 +335,8 @@ class RayExecutor:
         idx = out["index"]
         if idx in done:
             return
-        res = ShardResult(idx, out["filename"], out["checksum"], out["nbytes"], list(by_index[idx].tensors))
+        res = ShardResult(idx, out["filename"], out["checksum"], out["nbytes"], list(by_index[idx].tensors),
+                          out.get("non_finite", {}))
         done[idx] = res
         on_shard(res)
         self._record(slot, out)
