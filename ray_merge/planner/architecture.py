@@ -26,6 +26,11 @@ _PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "
 _POST_HINTS = ("lm_head", "embed_out")  # output heads, though some are named like embeddings (GPT-NeoX)
 
 
+def is_pre(name: str) -> bool:
+    """A tensor outside the layers that comes before them (an embedding), told by its name."""
+    return any(h in name for h in _PRE_HINTS) and not any(h in name for h in _POST_HINTS)
+
+
 def packed_per_layer(name: str, shape: tuple[int, ...], num_layers: int) -> bool:
     """A tensor outside the layers that packs one block per layer (Gemma 3n / Gemma 4's per-layer input
     embeddings and projection: a dimension of num_layers x the per-layer width). Told by its name."""
@@ -118,7 +123,6 @@ def infer_layout(names: list[str], config: dict, label: str) -> Layout:
         if m:
             per_layer[int(m.group(1))][m.group(2)] = None
             continue
-        is_pre = any(h in n for h in _PRE_HINTS) and not any(h in n for h in _POST_HINTS)
-        (pre if is_pre else post).append(n)
+        (pre if is_pre(n) else post).append(n)
     layers = tuple(tuple(d) for d in per_layer)
     return Layout(prefix, num_layers, layers[0] if layers else (), tuple(pre), tuple(post), layers)

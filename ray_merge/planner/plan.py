@@ -22,9 +22,7 @@ from ray_merge.errors import UserError
 from ray_merge.io.models import (
     ModelRef,
     TensorMeta,
-    index_weights,
-    read_config,
-    resolve_model_dir,
+    plan_model,
     same_data,
 )
 from ray_merge.io.quantized import unquantized_config
@@ -188,9 +186,7 @@ class Planner:
     # -- model metadata ---------------------------------------------------
     def meta(self, ref: ModelRef) -> _ModelMeta:
         if ref not in self._meta:
-            path = resolve_model_dir(ref)
-            config = read_config(path, str(ref))
-            index = index_weights(path, str(ref))
+            path, config, index = plan_model(ref)  # a hub model: its metadata only, no weights downloaded
             names = sorted(index, key=_natural_key)
             layout = infer_layout(names, config, str(ref))
             self._meta[ref] = _ModelMeta(ref, path, config, index, layout)

@@ -26,6 +26,7 @@ from ray_merge.recipe.schema import (
     DTYPE_ALIASES,
     DTYPES,
     TOP_LEVEL_KEYS,
+    OutputModule,
     OutputSlice,
     Recipe,
     SliceSource,
@@ -125,8 +126,6 @@ def _validate(data: dict, source: str) -> Recipe:
 
     unknown = sorted(set(data) - TOP_LEVEL_KEYS)
     if unknown:
-        if "modules" in unknown:
-            raise err("modules", "multi-module recipes are not supported; use models or slices")
         raise err(unknown[0], f"unknown key (known: {', '.join(sorted(TOP_LEVEL_KEYS))})")
 
     if "merge_method" not in data:
@@ -139,91 +138,33 @@ def _validate(data: dict, source: str) -> Recipe:
     except UserError as e:
         raise err("merge_method", str(e))
 
-    has_models = data.get("models") is not None
-    has_slices = data.get("slices") is not None
-    if has_models == has_slices:
-        raise err("models", "give exactly one of 'models' or 'slices'")
+    given = [k for k in ("models", "slices", "modules") if data.get(k) is not None]
+    if len(given) != 1:
+        raise err(given[1] if given else "models", "give exactly one of 'models', 'slices' or 'modules'")
+    has_models = given == ["models"]
 
     base = _model_ref(data.get("base_model"), "base_model", err) if data.get("base_model") is not None else None
     params = _parameters(data.get("parameters"), "parameters", err)
 
     slices: list[OutputSlice] = []
+    modules: dict[str, OutputModule] = {}
     if has_models:
-        models = data["models"]
-        if not isinstance(models, list) or not models:
-            raise err("models", "must be a non-empty list")
-        sources = []
-        for i, m in enumerate(models):
-            key = f"models[{i}]"
-            if isinstance(m, str):
-                m = {"model": m}
-            if not isinstance(m, dict):
-                raise err(key, "must be a mapping with a 'model' key")
-            _no_unknown(m, {"model", "parameters"}, key, err)
-            if "model" not in m:
-                raise err(f"{key}.model", "missing")
-            sources.append(
-                SliceSource(
-                    model=_model_ref(m["model"], f"{key}.model", err),
-                    layer_range=None,
-                    parameters=_parameters(m.get("parameters"), f"{key}.parameters", err),
-                )
-            )
-        slices.append(OutputSlice(sources=sources))
+        slices = [_models_slice(data["models"], "models", err)]
+    elif given == ["slices"]:
+        slices = _slices(data["slices"], "slices", err)
     else:
-        raw_slices = data["slices"]
-        if not isinstance(raw_slices, list) or not raw_slices:
-            raise err("slices", "must be a non-empty list")
-        for i, s in enumerate(raw_slices):
-            key = f"slices[{i}]"
-            if not isinstance(s, dict):
-                raise err(key, "must be a mapping with 'sources'")
-            _no_unknown(s, {"sources", "base_model", "parameters", "residual_weight"}, key, err)
-            srcs = s.get("sources")
-            if not isinstance(srcs, list) or not srcs:
-                raise err(f"{key}.sources", "must be a non-empty list")
-            sources = []
-            for j, src in enumerate(srcs):
-                skey = f"{key}.sources[{j}]"
-                if not isinstance(src, dict):
-                    raise err(skey, "must be a mapping with 'model' and 'layer_range'")
-                _no_unknown(src, {"model", "layer_range", "parameters"}, skey, err)
-                if "model" not in src:
-                    raise err(f"{skey}.model", "missing")
-                lr = src.get("layer_range")
-                if (
-                    not isinstance(lr, list)
-                    or len(lr) != 2
-                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
-                ):
-                    raise err(f"{skey}.layer_range", "must be a list of two integers [start, end]")
-                if lr[0] < 0 or lr[1] <= lr[0]:
-                    raise err(f"{skey}.layer_range", f"{lr} is empty or negative")
-                sources.append(
-                    SliceSource(
-                        model=_model_ref(src["model"], f"{skey}.model", err),
-                        layer_range=(lr[0], lr[1]),
-                        parameters=_parameters(src.get("parameters"), f"{skey}.parameters", err),
-                    )
-                )
-            lengths = {src.layer_range[1] - src.layer_range[0] for src in sources}
-            if len(lengths) != 1:
-                raise err(f"{key}.sources", "every source of a slice must span the same number of layers")
-            slice_base = s.get("base_model")
-            slices.append(
-                OutputSlice(
-                    sources=sources,
-                    base_model=_model_ref(slice_base, f"{key}.base_model", err) if slice_base else None,
-                    parameters=_parameters(s.get("parameters"), f"{key}.parameters", err),
-                )
-            )
+        modules = _modules(data["modules"], err)
 
     dtype = _dtype(data.get("dtype"), "dtype", err)
     out_dtype = _dtype(data.get("out_dtype"), "out_dtype", err)
-    _check_parameters(method, _parameter_blocks(params, slices, from_models=has_models), dtype, source, err)
+    blocks = list(_parameter_blocks(params, slices, from_models=has_models))
+    for name, mod in modules.items():
+        blocks.append((f"modules.{name}.parameters", mod.parameters))
+        blocks.extend(_parameter_blocks(None, mod.slices, mod.from_models, prefix=f"modules.{name}."))
+    _check_parameters(method, blocks, dtype, source, err)
 
     # Base model requirements.
-    for i, s in enumerate(slices):
+    for s in slices + [s for mod in modules.values() for s in mod.slices]:
         effective_base = s.base_model or base
         if method.base_model == "required" and effective_base is None:
             raise err("base_model", f"merge method {method.name!r} needs a base_model")
@@ -253,10 +194,108 @@ def _validate(data: dict, source: str) -> Recipe:
         chat_template=chat_template,
         source=source,
         raw=data,
+        modules=modules,
     )
 
     check_recipe(recipe, err)  # the tokenizer block and the chat template (rendered in a sandbox)
     return recipe
+
+
+def _models_slice(models: Any, key: str, err) -> OutputSlice:
+    """A `models:` list: one slice whose sources span every layer."""
+    if not isinstance(models, list) or not models:
+        raise err(key, "must be a non-empty list")
+    sources = []
+    for i, m in enumerate(models):
+        mkey = f"{key}[{i}]"
+        if isinstance(m, str):
+            m = {"model": m}
+        if not isinstance(m, dict):
+            raise err(mkey, "must be a mapping with a 'model' key")
+        _no_unknown(m, {"model", "parameters"}, mkey, err)
+        if "model" not in m:
+            raise err(f"{mkey}.model", "missing")
+        sources.append(
+            SliceSource(
+                model=_model_ref(m["model"], f"{mkey}.model", err),
+                layer_range=None,
+                parameters=_parameters(m.get("parameters"), f"{mkey}.parameters", err),
+            )
+        )
+    return OutputSlice(sources=sources)
+
+
+def _slices(raw_slices: Any, key: str, err) -> list[OutputSlice]:
+    if not isinstance(raw_slices, list) or not raw_slices:
+        raise err(key, "must be a non-empty list")
+    slices = []
+    for i, s in enumerate(raw_slices):
+        slkey = f"{key}[{i}]"
+        if not isinstance(s, dict):
+            raise err(slkey, "must be a mapping with 'sources'")
+        _no_unknown(s, {"sources", "base_model", "parameters", "residual_weight"}, slkey, err)
+        srcs = s.get("sources")
+        if not isinstance(srcs, list) or not srcs:
+            raise err(f"{slkey}.sources", "must be a non-empty list")
+        sources = []
+        for j, src in enumerate(srcs):
+            skey = f"{slkey}.sources[{j}]"
+            if not isinstance(src, dict):
+                raise err(skey, "must be a mapping with 'model' and 'layer_range'")
+            _no_unknown(src, {"model", "layer_range", "parameters"}, skey, err)
+            if "model" not in src:
+                raise err(f"{skey}.model", "missing")
+            lr = src.get("layer_range")
+            if (
+                not isinstance(lr, list)
+                or len(lr) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
+            ):
+                raise err(f"{skey}.layer_range", "must be a list of two integers [start, end]")
+            if lr[0] < 0 or lr[1] <= lr[0]:
+                raise err(f"{skey}.layer_range", f"{lr} is empty or negative")
+            sources.append(
+                SliceSource(
+                    model=_model_ref(src["model"], f"{skey}.model", err),
+                    layer_range=(lr[0], lr[1]),
+                    parameters=_parameters(src.get("parameters"), f"{skey}.parameters", err),
+                )
+            )
+        lengths = {src.layer_range[1] - src.layer_range[0] for src in sources}
+        if len(lengths) != 1:
+            raise err(f"{slkey}.sources", "every source of a slice must span the same number of layers")
+        slice_base = s.get("base_model")
+        slices.append(
+            OutputSlice(
+                sources=sources,
+                base_model=_model_ref(slice_base, f"{slkey}.base_model", err) if slice_base else None,
+                parameters=_parameters(s.get("parameters"), f"{slkey}.parameters", err),
+            )
+        )
+    return slices
+
+
+def _modules(raw: Any, err) -> dict[str, OutputModule]:
+    """``modules: {NAME: {models: [...] | slices: [...], parameters: {...}}}`` (mergekit's multi-module form)."""
+    if not isinstance(raw, dict) or not raw:
+        raise err("modules", "must be a non-empty mapping of module names (text_decoder, vision_tower, ...) "
+                             "to their models or slices")
+    out = {}
+    for name, m in raw.items():
+        key = f"modules.{name}"
+        if not isinstance(name, str) or not name:
+            raise err(key, "a module name must be a non-empty string")
+        if not isinstance(m, dict):
+            raise err(key, "must be a mapping with 'models' or 'slices'")
+        _no_unknown(m, {"models", "slices", "parameters"}, key, err)
+        has_models, has_slices = m.get("models") is not None, m.get("slices") is not None
+        if has_models == has_slices:
+            raise err(key, "give exactly one of 'models' or 'slices'")
+        slices = [_models_slice(m["models"], f"{key}.models", err)] if has_models \
+            else _slices(m["slices"], f"{key}.slices", err)
+        out[name] = OutputModule(slices=slices, from_models=has_models,
+                                 parameters=_parameters(m.get("parameters"), f"{key}.parameters", err))
+    return out
 
 
 def _no_unknown(d: dict, allowed: set, key: str, err) -> None:
@@ -380,17 +419,18 @@ def _overflow(param: Param, value: Any, dtype: Optional[str]) -> Optional[str]:
             f"set dtype: float32 to use it")
 
 
-def _parameter_blocks(params: dict, slices: list[OutputSlice], from_models: bool = False):
-    """Every parameters block with its key path as the recipe wrote it."""
-    yield "parameters", params
+def _parameter_blocks(params: Optional[dict], slices: list[OutputSlice], from_models: bool = False, prefix: str = ""):
+    """Every parameters block with its key path as the recipe wrote it (``prefix``: a module's ``modules.NAME.``)."""
+    if params is not None:
+        yield "parameters", params
     if from_models:  # one slice, its sources are the `models:` entries
         for j, src in enumerate(slices[0].sources):
-            yield f"models[{j}].parameters", src.parameters
+            yield f"{prefix}models[{j}].parameters", src.parameters
         return
     for i, s in enumerate(slices):
-        yield f"slices[{i}].parameters", s.parameters
+        yield f"{prefix}slices[{i}].parameters", s.parameters
         for j, src in enumerate(s.sources):
-            yield f"slices[{i}].sources[{j}].parameters", src.parameters
+            yield f"{prefix}slices[{i}].sources[{j}].parameters", src.parameters
 
 
 # ---------------------------------------------------------------------------

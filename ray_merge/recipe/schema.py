@@ -20,7 +20,7 @@ DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half
 
 TOP_LEVEL_KEYS = {
     "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-    "tokenizer_source", "tokenizer", "chat_template", "name",
+    "tokenizer_source", "tokenizer", "chat_template", "name", "modules",
 }
 
 
@@ -39,9 +39,18 @@ class OutputSlice:
 
 
 @dataclass
+class OutputModule:
+    """One module of a ``modules:`` recipe (a text decoder, a vision tower ...): its own slices or models."""
+
+    slices: list[OutputSlice]
+    from_models: bool  # written with `models:` (one slice spanning every layer of the module)
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass
 class Recipe:
     merge_method: str
-    slices: list[OutputSlice]
+    slices: list[OutputSlice]  # empty in a `modules:` recipe
     from_models: bool  # written with `models:` (one slice spanning every layer)
     base_model: Optional[ModelRef] = None
     parameters: dict = field(default_factory=dict)
@@ -52,13 +61,14 @@ class Recipe:
     chat_template: Optional[str] = None
     source: str = "<recipe>"
     raw: dict = field(default_factory=dict)
+    modules: dict[str, OutputModule] = field(default_factory=dict)  # `modules:` recipes (then no slices)
 
     def referenced_models(self) -> list[ModelRef]:
         """Every model the recipe names, in first-mention order, base first."""
         seen: dict[ModelRef, None] = {}
         if self.base_model:
             seen[self.base_model] = None
-        for s in self.slices:
+        for s in self.slices + [s for m in self.modules.values() for s in m.slices]:
             if s.base_model:
                 seen[s.base_model] = None
             for src in s.sources:

@@ -1,0 +1,243 @@
+"""`modules:` recipes (mergekit's multi-module form) on a tiny Qwen2-VL: a text decoder, a vision tower and a
+projector (``visual.merger``), each merged with its own models / slices / parameters.
+
+- linear: the text decoder with a weight gradient over its 4 layers, the vision tower with module-level and
+  per-model weights, the projector not listed (copied from the first model); every tensor checked;
+- a frankenmerge of both stacks via module slices: ``text_config.num_hidden_layers`` and ``vision_config.depth``
+  rewritten, every tensor from the right layer, and the output loads with no missing or unexpected keys;
+- the same linear recipe through mergekit (it knows Qwen2-VL): equal on every tensor it writes (it drops the
+  modules a recipe does not list; we copy them);
+- bad `modules:` input: one line naming the file and key, exit code 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import warnings
+
+import pytest
+import torch
+from conftest import load_dir, mergekit_venv, run_cli, write_recipe
+
+from ray_merge.errors import UserError
+from ray_merge.options import MergeOptions
+from ray_merge.planner.architecture import infer_layout
+from ray_merge.planner.modules import infer_modules
+from ray_merge.recipe.load import recipe_from_dict
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+transformers.logging.set_verbosity_error()
+
+TEXT = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+            num_hidden_layers=4, vocab_size=128, max_position_embeddings=128)
+VISION = dict(hidden_size=32, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2, out_hidden_size=32,
+              patch_size=14, spatial_merge_size=2)
+
+
+@pytest.fixture(scope="module")
+def vl(tmp_path_factory):
+    """Two tiny Qwen2-VL models: one random model and two perturbed copies (every tensor differs)."""
+    root = tmp_path_factory.mktemp("vl")
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("qwen2_vl", text_config=TEXT, vision_config=VISION)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32)
+    model.save_pretrained(root / "orig", safe_serialization=True)
+    paths = []
+    for seed, name in ((1, "a"), (2, "b")):
+        shutil.copytree(root / "orig", root / name)
+        gen = torch.Generator().manual_seed(seed)
+        for f in os.listdir(root / name):
+            if f.endswith(".safetensors"):
+                tensors = load_file(root / name / f)
+                tensors = {k: v + torch.randn(v.shape, generator=gen) * 0.05 for k, v in tensors.items()}
+                save_file(tensors, root / name / f, metadata={"format": "pt"})
+        paths.append(root / name)
+    return paths
+
+
+def _merge(recipe: dict, out) -> None:
+    from ray_merge.engine import run_merge
+
+    run_merge(recipe_from_dict(recipe), str(out), MergeOptions(quiet=True))
+
+
+def _is_text_layer(name):
+    return name.startswith("model.layers.")
+
+
+def test_modules_found(vl):
+    a = load_dir(vl[0])
+    config = json.load(open(vl[0] / "config.json"))
+    names = sorted(a)
+    modules = infer_modules(names, config, infer_layout(names, config, "a"))
+    assert set(modules) == {"text_decoder", "vision_tower", "multi_modal_projector"}
+    text, vision, proj = modules["text_decoder"], modules["vision_tower"], modules["multi_modal_projector"]
+    assert (text.layout.prefix, text.layout.num_layers, text.count_key) == (
+        "model.layers", 4, "text_config.num_hidden_layers")
+    assert (vision.layout.prefix, vision.layout.num_layers, vision.count_key) == ("visual.blocks", 2,
+                                                                                  "vision_config.depth")
+    assert vision.layout.pre == ("visual.patch_embed.proj.weight",)
+    assert proj.layout.num_layers == 0 and all(n.startswith("visual.merger.") for n in proj.layout.post)
+    assert set(text.layout.pre + text.layout.post) == {"model.embed_tokens.weight", "model.norm.weight",
+                                                       "lm_head.weight"}
+    counted = sum(len(m.layout.pre) + len(m.layout.post) + sum(len(m.layout.suffixes(i))
+                                                               for i in range(m.layout.num_layers))
+                  for m in modules.values())
+    assert counted == len(names)  # every tensor in exactly one module
+
+
+LINEAR = {
+    "merge_method": "linear",
+    "modules": {
+        "text_decoder": {"models": [
+            {"model": "A", "parameters": {"weight": [1.0, 0.0]}},  # a gradient over the text layers
+            {"model": "B", "parameters": {"weight": [0.0, 1.0]}},
+        ]},
+        "vision_tower": {
+            "models": [{"model": "A"}, {"model": "B", "parameters": {"weight": 0.75}}],
+            "parameters": {"weight": 0.5},  # the module's: A's weight
+        },
+    },
+    "parameters": {"normalize": True},
+    "dtype": "float32",
+}
+
+
+FRANKEN = {
+    "merge_method": "passthrough",
+    "modules": {
+        "text_decoder": {"slices": [{"sources": [{"model": "A", "layer_range": [0, 3]}]},
+                                    {"sources": [{"model": "B", "layer_range": [1, 4]}]}]},
+        "vision_tower": {"slices": [{"sources": [{"model": "B", "layer_range": [0, 2]}]},
+                                    {"sources": [{"model": "A", "layer_range": [1, 2]}]}]},
+    },
+    "dtype": "float32",
+}
+
+
+def _recipe(vl, recipe=LINEAR) -> dict:
+    text = json.dumps(recipe).replace('"A"', json.dumps(str(vl[0]))).replace('"B"', json.dumps(str(vl[1])))
+    return json.loads(text)
+
+
+def _linear_recipe(vl) -> dict:
+    return _recipe(vl, LINEAR)
+
+
+def _expected_linear(name, a, b):
+    if _is_text_layer(name):
+        t = int(name.split(".")[2]) / 3
+        return (1 - t) * a + t * b
+    if name.startswith("visual.merger."):
+        return a  # not in the recipe: copied from the first model
+    if name.startswith("visual."):
+        return (0.5 * a + 0.75 * b) / 1.25
+    return a  # text tensors outside the layers: t = 0
+
+
+def test_linear_per_module(vl, tmp_path):
+    _merge(_linear_recipe(vl), tmp_path / "out")
+    a, b, out = load_dir(vl[0]), load_dir(vl[1]), load_dir(tmp_path / "out")
+    assert set(out) == set(a)
+    for name in a:
+        torch.testing.assert_close(out[name], _expected_linear(name, a[name], b[name]), msg=name)
+    cfg = json.load(open(tmp_path / "out" / "config.json"))
+    assert cfg["text_config"]["num_hidden_layers"] == 4 and cfg["vision_config"]["depth"] == 2
+
+
+def test_frankenmerge_by_module_slices(vl, tmp_path):
+    recipe = _recipe(vl, FRANKEN)
+    _merge(recipe, tmp_path / "out")
+    a, b, out = load_dir(vl[0]), load_dir(vl[1]), load_dir(tmp_path / "out")
+    cfg = json.load(open(tmp_path / "out" / "config.json"))
+    assert cfg["text_config"]["num_hidden_layers"] == 6
+    assert len(cfg["text_config"]["layer_types"]) == 6
+    assert cfg["vision_config"]["depth"] == 3
+    text_from = [(a, 0), (a, 1), (a, 2), (b, 1), (b, 2), (b, 3)]
+    vision_from = [(b, 0), (b, 1), (a, 1)]
+    expected = {}
+    for name in a:
+        parts = name.split(".")
+        if _is_text_layer(name):
+            for j, (src, i) in enumerate(text_from):
+                expected[".".join(parts[:2] + [str(j)] + parts[3:])] = src[".".join(parts[:2] + [str(i)] + parts[3:])]
+        elif name.startswith("visual.blocks."):
+            for j, (src, i) in enumerate(vision_from):
+                expected[".".join(parts[:2] + [str(j)] + parts[3:])] = src[".".join(parts[:2] + [str(i)] + parts[3:])]
+        elif name == "model.embed_tokens.weight":
+            expected[name] = a[name]  # before the layers: the first slice's model
+        elif name.startswith("model.") or name.startswith("lm_head"):
+            expected[name] = b[name]  # after the layers: the last slice's model
+        elif name == "visual.patch_embed.proj.weight":
+            expected[name] = b[name]  # the vision tower's first slice
+        else:
+            expected[name] = a[name]  # the projector, not listed: the first model's
+    assert set(out) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(out[name], value, msg=name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, info = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert len(model.model.language_model.layers) == 6 and len(model.model.visual.blocks) == 3
+
+
+@pytest.mark.parametrize("recipe", [LINEAR, FRANKEN], ids=["linear", "frankenmerge"])
+def test_same_as_mergekit(vl, tmp_path, recipe):
+    """mergekit's Qwen2-VL definition reads the text layer count at the top level of config.json, as the hub's
+    Qwen2-VL configs (written by older transformers) have it: the models are copied with it added."""
+    venv = mergekit_venv()
+    flat = []
+    for path in vl:
+        shutil.copytree(path, tmp_path / path.name)
+        cfg = json.load(open(path / "config.json"))
+        cfg["num_hidden_layers"] = cfg["text_config"]["num_hidden_layers"]
+        json.dump(cfg, open(tmp_path / path.name / "config.json", "w"))
+        flat.append(tmp_path / path.name)
+    vl = flat
+    recipe_path = tmp_path / "recipe.yml"
+    recipe_path.write_text(json.dumps(_recipe(vl, recipe)))
+    proc = subprocess.run([os.path.join(venv, "bin", "mergekit-yaml"), str(recipe_path), str(tmp_path / "mk"),
+                           "--no-lazy-unpickle"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _merge(_recipe(vl, recipe), tmp_path / "ours")
+    mk, ours = load_dir(tmp_path / "mk"), load_dir(tmp_path / "ours")
+    mk_cfg, our_cfg = (json.load(open(tmp_path / d / "config.json")) for d in ("mk", "ours"))
+    assert mk_cfg["num_hidden_layers"] == our_cfg["num_hidden_layers"] == our_cfg["text_config"]["num_hidden_layers"]
+    assert mk_cfg["vision_config"]["depth"] == our_cfg["vision_config"]["depth"]
+    assert not any(n.startswith("visual.merger.") for n in mk)  # mergekit drops the unlisted projector
+    assert set(mk) == {n for n in ours if not n.startswith("visual.merger.")}
+    for name in mk:
+        torch.testing.assert_close(ours[name], mk[name], msg=name)
+
+
+@pytest.mark.parametrize("modules, key", [
+    ({"text_decoder": {"models": ["A"], "slices": []}}, "modules.text_decoder"),
+    ({"text_decoder": {"models": ["A"], "weight": 1}}, "modules.text_decoder.weight"),
+    ({"text_decoder": {"models": [{"model": "A", "parameters": {"wieght": 1}}]}},
+     "modules.text_decoder.models[0].parameters.wieght"),
+    ({"text_decoder": {"slices": [{"sources": [{"model": "A", "layer_range": [0, 9]}]}]}},
+     "modules.text_decoder.slices[0].sources[0].layer_range"),
+    ({"vision": {"models": ["A"]}}, "modules.vision"),
+    ([], "modules"),
+])
+def test_bad_modules_input(vl, tmp_path, modules, key):
+    data = {"merge_method": "passthrough", "modules": modules}
+    text = json.dumps(data).replace('"A"', json.dumps(str(vl[0])))
+    path = write_recipe(tmp_path / "bad.yml", text)
+    proc = run_cli("run", path, tmp_path / "out")
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("WARNING")]
+    assert len(lines) == 1 and f"bad.yml: {key}:" in lines[0], proc.stderr
+
+
+def test_modules_and_models_together_refused():
+    with pytest.raises(UserError, match="exactly one of 'models', 'slices' or 'modules'"):
+        recipe_from_dict({"merge_method": "linear", "models": ["a"], "modules": {"text_decoder": {"models": ["a"]}}})
