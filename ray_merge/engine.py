@@ -7,6 +7,7 @@ import os
 import shutil
 from typing import Callable, Optional
 
+from ray_merge.execute.loaders import fetch_inputs
 from ray_merge.execute.local import run_in_process
 from ray_merge.execute.shards import ATTEMPTS_DIR, ShardResult
 from ray_merge.options import MergeOptions
@@ -48,6 +49,7 @@ def run_merge(recipe: Recipe, out_dir: str, options: MergeOptions,
     plan = plan or make_plan(recipe, options)
     executor = executor or run_in_process
     getattr(executor, "preflight", check_budget)(plan, options)
+    fetch_inputs(plan)  # hub models' weights: downloaded only now that the plan has succeeded
     staging = prepare_output(out_dir, plan, resume=options.resume)
     stage = staging.path
     records = dict(staging.done)

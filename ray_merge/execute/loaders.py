@@ -3,12 +3,25 @@ from __future__ import annotations
 
 import torch
 
-from ray_merge.io.models import WeightReader, index_weights
+from ray_merge.io.models import WeightReader, fetch_weights, index_weights
 from ray_merge.planner.plan import Plan, PlannedTensor, TensorInput
 
 
+def input_files(plan: Plan, model: int) -> set[str]:
+    """The weight files the plan reads of one of its models."""
+    return {i.file for t in plan.tensors for i in t.inputs if i.model == model}
+
+
+def fetch_inputs(plan: Plan) -> None:
+    """Download the weights of the plan's hub models (planning read only their metadata); local
+    models and hub models already in the cache are left as they are."""
+    for k, m in enumerate(plan.models):
+        fetch_weights(m.ref, m.path, input_files(plan, k))
+
+
 class TensorLoader:
-    """Reads input tensors of a plan's models from disk, lazily."""
+    """Reads input tensors of a plan's models from disk, lazily; a hub model's weights are downloaded
+    when its first tensor is read, unless they are there already."""
 
     def __init__(self, plan: Plan):
         self.plan = plan
@@ -18,7 +31,8 @@ class TensorLoader:
         r = self._readers.get(model)
         if r is None:
             m = self.plan.models[model]
-            r = WeightReader(index_weights(m.path, m.ref))
+            path = fetch_weights(m.ref, m.path, input_files(self.plan, model))
+            r = WeightReader(index_weights(path, m.ref))
             self._readers[model] = r
         return r
 

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from ray_merge.errors import UserError
+from ray_merge.io.hub import hub_file_url, read_range, snapshot_commit
 from ray_merge.io.quantized import Quantized, dequantized_index, read_dequantized
 
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
@@ -83,6 +84,95 @@ def hub_weight_files(ref: ModelRef) -> list[str]:
     return WEIGHT_PATTERNS
 
 
+def plan_model(ref: ModelRef) -> tuple[str, dict, dict[str, TensorMeta]]:
+    """A model's directory, config and tensors, for planning: nothing of a hub model's weights is downloaded.
+
+    A local directory is indexed as it is. A hub model is fetched without its weights (config, tokenizer
+    files) and its safetensors headers are read with HTTP byte range requests; each tensor's ``file`` is
+    where the weights download will put it, in the same snapshot directory (see ``fetch_weights``). When
+    that cannot be done (PyTorch .bin weights, or no hub: offline, the cache decides), the whole model is
+    fetched, as ``resolve_model_dir`` does.
+    """
+    if os.path.isdir(ref.path):
+        path = resolve_model_dir(ref)
+        return path, read_config(path, str(ref)), index_weights(path, str(ref))
+    path = resolve_model_dir(ref, weights=False)
+    config = read_config(path, str(ref))
+    commit = snapshot_commit(path)
+    pinned = ModelRef(ref.path, commit or ref.revision)  # the weights come from the commit planned with
+    files = _hub_safetensors_files(pinned, str(ref)) if commit else None
+    if files is None:
+        path = resolve_model_dir(pinned)
+        return path, config, index_weights(path, str(ref))
+    if all(os.path.isfile(os.path.join(path, f)) for f in files):  # already in the cache
+        return path, config, index_weights(path, str(ref))
+    index: dict[str, TensorMeta] = {}
+    for file in files:
+        url = hub_file_url(pinned.path, file, pinned.revision)
+        local = os.path.join(path, file)
+        for name, info in _hub_safetensors_header(url).items():
+            if name in index:
+                raise UserError(f"model {ref}: tensor {name} is in both {os.path.basename(index[name].file)} "
+                                f"and {file}", source=url)
+            index[name] = TensorMeta(local, tuple(info["shape"]), SAFETENSORS_DTYPES[info["dtype"]],
+                                     info["file_offset"], hub_url=url)
+    return path, config, dequantized_index(index, config if isinstance(config, dict) else {}, str(ref))
+
+
+def _hub_safetensors_files(ref: ModelRef, label: str) -> Optional[list[str]]:
+    """The safetensors files the weights download of a hub model fetches (as ``hub_weight_files`` chooses
+    them), or None: PyTorch .bin weights, or the file list not to be had (offline)."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    try:
+        files = set(HfApi().list_repo_files(ref.path, revision=ref.revision))
+    except Exception:  # offline, or the hub unreachable: the cache decides
+        return None
+    if "model.safetensors.index.json" in files:
+        try:
+            idx_path = hf_hub_download(ref.path, "model.safetensors.index.json", revision=ref.revision)
+        except Exception as e:
+            raise UserError(f"model {label}: cannot fetch model.safetensors.index.json from the hub "
+                            f"({type(e).__name__})")
+        named = _index_files(idx_path, label, listed=files)
+        return named
+    if "model.safetensors" in files:
+        return ["model.safetensors"]
+    if files & {"pytorch_model.bin.index.json", "pytorch_model.bin"}:
+        return None
+    return sorted(f for f in files if f.endswith(".safetensors") and "/" not in f) or None
+
+
+def _hub_safetensors_header(url: str) -> dict:
+    """A hub file's safetensors header, read with two byte range requests and validated as on disk."""
+    try:
+        head, size = read_range(url, 0, 8)
+        n = _header_length(head, size)
+        raw, _ = read_range(url, 8, 8 + n)
+    except _HeaderError as e:
+        raise UserError(f"corrupt safetensors header: {e}", source=url)
+    except Exception as e:  # HTTP errors, a server ignoring the range
+        raise UserError(f"cannot read safetensors header from the hub: {type(e).__name__}: {e}", source=url)
+    return _checked_header(raw, n, size, url)
+
+
+def fetch_weights(ref: str, model_dir: str, files=()) -> str:
+    """The directory of a planned model with its weight files present.
+
+    A hub model planned from its metadata has its weights downloaded now, from the commit it was planned
+    with, into the same snapshot directory; when ``files`` (the plan's input files of the model) are all
+    there already, or the model is a local directory, nothing is done.
+    """
+    files = list(files)
+    if files and all(os.path.isfile(f) for f in files):
+        return model_dir
+    parsed = ModelRef.parse(ref)
+    commit = snapshot_commit(model_dir)
+    if commit is None or os.path.isdir(parsed.path):
+        return model_dir
+    return resolve_model_dir(ModelRef(parsed.path, commit))
+
+
 def read_config(model_dir: str, label: str) -> dict:
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
@@ -102,6 +192,7 @@ class TensorMeta:
     dtype: torch.dtype
     offset: Optional[int] = None  # where its bytes start in a safetensors file
     quant: Optional[Quantized] = None  # a quantized tensor, read dequantized (shape and dtype: dequantized)
+    hub_url: Optional[str] = None  # a hub model planned before its download: where its file is read from
 
     @property
     def numel(self) -> int:
@@ -142,16 +233,30 @@ def _read_safetensors_header(path: str) -> dict:
     """
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                raise _HeaderError("file too short")
-            n = int.from_bytes(head, "little")
             size = os.fstat(f.fileno()).st_size
-            if n <= 0 or n > min(size - 8, MAX_HEADER_BYTES):
-                raise _HeaderError(f"header length {n} out of range")
-            header = json.loads(f.read(n), object_pairs_hook=_no_duplicate_keys)
+            n = _header_length(f.read(8), size)
+            raw = f.read(n)
     except OSError as e:
         raise UserError(f"cannot read safetensors header: {e.strerror or e}", source=path)
+    except _HeaderError as e:
+        raise UserError(f"corrupt safetensors header: {e}", source=path)
+    return _checked_header(raw, n, size, path)
+
+
+def _header_length(head: bytes, size: int) -> int:
+    """The header length a safetensors file of ``size`` bytes starts with (its first 8 bytes: ``head``)."""
+    if len(head) != 8:
+        raise _HeaderError("file too short")
+    n = int.from_bytes(head, "little")
+    if n <= 0 or n > min(size - 8, MAX_HEADER_BYTES):
+        raise _HeaderError(f"header length {n} out of range")
+    return n
+
+
+def _checked_header(raw: bytes, n: int, size: int, path: str) -> dict:
+    """The parsed header (``raw``, ``n`` bytes) of a safetensors file of ``size`` bytes, validated."""
+    try:
+        header = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise UserError(f"corrupt safetensors header: {e}", source=path)
     if not isinstance(header, dict):
@@ -249,12 +354,14 @@ def _raw_index(model_dir: str, label: str) -> dict[str, TensorMeta]:
     raise UserError(f"model {label}: no weights (*.safetensors or pytorch_model*.bin) in {model_dir}")
 
 
-def _index_files(idx_path: str, label: str) -> list[str]:
+def _index_files(idx_path: str, label: str, listed: Optional[set[str]] = None) -> list[str]:
     """The weight files a safetensors index names, sorted.
 
     Every ``weight_map`` entry must be the plain name of a file in the model directory
     itself: no absolute path and no ``..`` or other directory part, so an index can never
     make us read a file outside the model (the file may be a symlink, as in the hub cache).
+    ``listed``: the files of a hub repository, which the named files must be among (they
+    are not downloaded yet).
     """
     try:
         with open(idx_path) as f:
@@ -271,7 +378,8 @@ def _index_files(idx_path: str, label: str) -> list[str]:
         files.add(file)
     model_dir = os.path.dirname(idx_path)
     for file in sorted(files):
-        if not os.path.isfile(os.path.join(model_dir, file)):
+        present = file in listed if listed is not None else os.path.isfile(os.path.join(model_dir, file))
+        if not present:
             raise UserError(f"model {label}: index lists missing shard {file}", source=idx_path)
     return sorted(files)
 
@@ -379,12 +487,19 @@ def same_data(tensors: list[tuple[str, TensorMeta]]) -> bool:
 
 def _read_bytes(meta: TensorMeta, pos: int, n: int) -> bytes:
     """``n`` bytes of a safetensors tensor's data, from byte ``pos`` of it."""
-    try:
-        with open(meta.file, "rb") as f:
-            f.seek(meta.offset + pos)
-            data = f.read(n)
-    except OSError as e:
-        raise UserError(f"cannot read weights: {e.strerror or e}", source=meta.file)
+    if meta.hub_url is not None and not os.path.exists(meta.file):  # planning before the download
+        start = meta.offset + pos
+        try:
+            data = read_range(meta.hub_url, start, start + n)[0]
+        except Exception as e:
+            raise UserError(f"cannot read weights from the hub: {type(e).__name__}: {e}", source=meta.hub_url)
+    else:
+        try:
+            with open(meta.file, "rb") as f:
+                f.seek(meta.offset + pos)
+                data = f.read(n)
+        except OSError as e:
+            raise UserError(f"cannot read weights: {e.strerror or e}", source=meta.file)
     if len(data) != n:
         raise UserError("file ends inside tensor data", source=meta.file)
     return data

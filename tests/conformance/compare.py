@@ -19,7 +19,10 @@ What "match" means:
   tensor's entries (bf16 rounding, exact ties at a top-k boundary).
 - randomised methods (recipes named ``*_stat``: the two tools draw different random masks): per tensor of at
   least 1000 entries, the share of entries that differ from the base within 0.05 of mergekit's, and the mean
-  size of those differences (clipped at mergekit's 99th percentile) within 15%.
+  size of those differences (clipped at mergekit's 99th percentile) within 15%; no non-finite values.
+- a recipe may also state what its output must show, as mergekit's own tests assert it, in comment lines
+  ``# expect: {...}`` (a YAML mapping; see ``check_expectations``). Both tools' outputs must show it. With
+  ``fail: true`` both tools must refuse the recipe (exit non-zero) and nothing else is compared.
 """
 from __future__ import annotations
 
@@ -94,6 +97,9 @@ def compare_statistics(ref: dict, got: dict, base: dict) -> list[str]:
             continue
         if name not in base or want.numel() < STAT_MIN_NUMEL:
             continue
+        if not have.isfinite().all():
+            problems.append(f"{name}: non-finite values")
+            continue
         start = base[name].float()
         d_want, d_have = (want - start).abs(), (have - start).abs()
         share_want = (d_want > 0).float().mean().item()
@@ -162,6 +168,76 @@ def compare_outputs(name: str, recipe: dict, ref_dir: str, got_dir: str) -> list
     return problems
 
 
+def read_expectations(recipe_file: str) -> dict:
+    """The ``# expect: {...}`` comment lines of a recipe, merged into one mapping."""
+    import yaml
+
+    expect = {}
+    with open(recipe_file) as f:
+        for line in f:
+            if line.startswith("# expect:"):
+                expect.update(yaml.safe_load(line[len("# expect:"):]) or {})
+    return expect
+
+
+def _chat_template(out_dir: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(out_dir).chat_template
+
+
+def check_expectations(expect: dict, out_dir: str) -> list[str]:
+    """What mergekit's tests assert about an output directory. Keys of ``expect``:
+    ``config: {key: value}`` (config.json, dotted keys reach nested configs); ``zero`` / ``nonzero``: name
+    fragments whose tensors must be all zero / not all zero (at least one such tensor each); ``shapes:
+    {tensor: [..]}``; ``vocab``: the tokenizer's size (token -> id map, added tokens included);
+    ``has_tokens`` / ``lacks_tokens``; ``rows: [[tensor, token, model_dir, token or id], ...]``: the output's
+    row of ``tensor`` for ``token`` equals that model's row (atol 1e-3, rtol 1e-4); ``chat_template``: a
+    string the output's chat template (as transformers loads it) contains."""
+    import torch
+
+    problems = []
+    tensors = load_tensors(out_dir) if {"zero", "nonzero", "shapes", "rows"} & set(expect) else {}
+    if "config" in expect:
+        with open(os.path.join(out_dir, "config.json")) as f:
+            config = json.load(f)
+        for key, want in expect["config"].items():
+            node = config
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node != want:
+                problems.append(f"config.json {key}: {node!r}, expected {want!r}")
+    for fragment in expect.get("zero", []):
+        hits = [n for n in tensors if fragment in n]
+        if not hits or any(tensors[n].count_nonzero() for n in hits):
+            problems.append(f"tensors named *{fragment}*: expected all zero ({len(hits)} found)")
+    for fragment in expect.get("nonzero", []):
+        hits = [n for n in tensors if fragment in n]
+        if not hits or not all(tensors[n].count_nonzero() for n in hits):
+            problems.append(f"tensors named *{fragment}*: expected non-zero ({len(hits)} found)")
+    for name, shape in expect.get("shapes", {}).items():
+        if name not in tensors or list(tensors[name].shape) != list(shape):
+            problems.append(f"{name}: shape {list(tensors[name].shape) if name in tensors else None}, "
+                            f"expected {shape}")
+    if {"vocab", "has_tokens", "lacks_tokens", "rows"} & set(expect):
+        ids = token_ids(os.path.join(out_dir, "tokenizer.json"))
+        if "vocab" in expect and len(ids) != expect["vocab"]:
+            problems.append(f"tokenizer has {len(ids)} tokens, expected {expect['vocab']}")
+        problems += [f"token {t!r} missing" for t in expect.get("has_tokens", []) if t not in ids]
+        problems += [f"token {t!r} present" for t in expect.get("lacks_tokens", []) if t in ids]
+        for tensor, token, model, source in expect.get("rows", []):
+            source_id = source if isinstance(source, int) else token_ids(os.path.join(model, "tokenizer.json"))[source]
+            want = load_tensors(model)[tensor][source_id].float()
+            have = tensors[tensor][ids[token]].float() if token in ids and tensor in tensors else None
+            if have is None or not torch.allclose(have, want, atol=1e-3, rtol=1e-4):
+                problems.append(f"{tensor} row of {token!r} differs from {os.path.basename(model)}'s row {source!r}")
+    if "chat_template" in expect:
+        template = _chat_template(out_dir)
+        if not template or expect["chat_template"] not in template:
+            problems.append(f"chat template {str(template)[:60]!r} lacks {expect['chat_template']!r}")
+    return problems
+
+
 def prepare(recipe_path: str, fixtures: str, work: str) -> tuple[str, str, dict]:
     """Write the recipe with FIX/ resolved into WORK; return (name, written path, parsed recipe)."""
     import yaml
@@ -215,14 +291,69 @@ def check_recipe(recipe_path: str, fixtures: str, work: str, mergekit: str, ours
     """Run one recipe through both tools and compare; return (name, problems). A tool that fails is a
     problem whose text holds the end of that tool's output."""
     name, config, recipe = prepare(recipe_path, fixtures, work)
+    expect = read_expectations(config)
     ref_dir, got_dir = os.path.join(work, "mergekit", name), os.path.join(work, "ours", name)
-    rc, _, tail = run_mergekit(mergekit, config, ref_dir)
-    if rc != 0:
-        return name, [f"mergekit failed (exit {rc}) on {config}:\n{tail}"]
-    rc, _, tail = run_ours(ours, config, got_dir)
-    if rc != 0:
-        return name, [f"ray-merge failed (exit {rc}) on {config}:\n{tail}"]
-    return name, compare_outputs(name, recipe, ref_dir, got_dir)
+    if expect.get("fail"):
+        shutil.rmtree(ref_dir, ignore_errors=True)  # a refusal is never cached
+    ref_rc, _, ref_tail = run_mergekit(mergekit, config, ref_dir)
+    got_rc, got_tail = 0, ""
+    if ref_rc == 0 or expect.get("fail"):
+        got_rc, _, got_tail = run_ours(ours, config, got_dir)
+    return name, judge(name, recipe, expect, config, (ref_rc, ref_tail), (got_rc, got_tail), ref_dir, got_dir)
+
+
+def judge(name: str, recipe: dict, expect: dict, config: str, ref_run: tuple, got_run: tuple, ref_dir: str,
+          got_dir: str) -> list[str]:
+    """The problems of one recipe, given each tool's (exit status, end of its output) and outputs."""
+    (ref_rc, ref_tail), (got_rc, got_tail) = ref_run, got_run
+    if expect.get("fail"):
+        return [f"{tool} accepted {config}, which should fail"
+                for tool, rc in (("mergekit", ref_rc), ("ray-merge", got_rc)) if rc == 0]
+    if ref_rc != 0:
+        return [f"mergekit failed (exit {ref_rc}) on {config}:\n{ref_tail}"]
+    if got_rc != 0:
+        return [f"ray-merge failed (exit {got_rc}) on {config}:\n{got_tail}"]
+    problems = compare_outputs(name, recipe, ref_dir, got_dir)
+    problems += [f"mergekit's output: {p}" for p in check_expectations(expect, ref_dir)]
+    problems += [f"ray-merge's output: {p}" for p in check_expectations(expect, got_dir)]
+    return problems
+
+
+def _batch_result(out: str) -> tuple[int, str]:
+    try:
+        with open(out + ".rc") as f:
+            rc = int(f.read().strip())
+    except (OSError, ValueError):
+        rc = 127
+    try:
+        with open(out + ".log", errors="replace") as f:
+            tail = "\n".join(f.read().strip().splitlines()[-25:])
+    except OSError:
+        tail = "(no log)"
+    return rc, tail
+
+
+def check_batch(recipe_paths: list[str], fixtures: str, work: str, mergekit_python: str,
+                ours_python: str = sys.executable, timeout: float = 1800) -> dict[str, list[str]]:
+    """Like check_recipe for many recipes, but each tool runs all of them in one process (batch.py):
+    {name: problems}. mergekit's finished outputs in WORK are reused, as check_recipe does."""
+    cases = []
+    for path in recipe_paths:
+        name, config, recipe = prepare(path, fixtures, work)
+        cases.append((name, config, recipe, read_expectations(config),
+                      os.path.join(work, "mergekit", name), os.path.join(work, "ours", name)))
+    script = os.path.join(HERE, "batch.py")
+    ref_todo = [a for name, config, _, expect, ref, _ in cases
+                if expect.get("fail") or not os.path.exists(os.path.join(ref, "config.json")) for a in (config, ref)]
+    for python, tool, todo in ((mergekit_python, "mergekit", ref_todo),
+                               (ours_python, "ray-merge", [a for c in cases for a in (c[1], c[5])])):
+        if todo:
+            run_command([python, script, tool, *todo], os.path.join(work, f"batch-{tool}.log"), timeout)
+    results = {}
+    for name, config, recipe, expect, ref, got in cases:
+        ref_run = _batch_result(ref) if os.path.exists(ref + ".rc") else (0, "")
+        results[name] = judge(name, recipe, expect, config, ref_run, _batch_result(got), ref, got)
+    return results
 
 
 def main(argv=None) -> int:
@@ -233,12 +364,20 @@ def main(argv=None) -> int:
                    help="mergekit command; {config} and {out} are filled in")
     p.add_argument("--ours", default=f"{shlex.quote(sys.executable)} -m ray_merge.cli run {{config}} {{out}} "
                                      "--random-seed 0 --quiet", help="ray-merge command, likewise")
+    p.add_argument("--batch", metavar="MERGEKIT_PYTHON", help="run each tool once over all recipes (batch.py), "
+                   "mergekit with this python (the side venv's); --mergekit / --ours are then unused")
     p.add_argument("recipes", nargs="*", help="recipe files (default: tests/recipes/*.yml)")
     args = p.parse_args(argv)
     recipes = args.recipes or sorted(glob.glob(os.path.join(RECIPES, "*.yml")))
     matched = 0
+    if args.batch:
+        batch = check_batch(recipes, args.fixtures, args.work, args.batch)
     for path in recipes:
-        name, problems = check_recipe(path, args.fixtures, args.work, args.mergekit, args.ours)
+        if args.batch:
+            name = os.path.splitext(os.path.basename(path))[0]
+            problems = batch[name]
+        else:
+            name, problems = check_recipe(path, args.fixtures, args.work, args.mergekit, args.ours)
         if problems:
             first = problems[0].splitlines()
             print(f"{name}: FAIL ({len(problems)} problems) {first[0]}")

@@ -14,6 +14,11 @@ versions give the same bytes. A recipe names the models as FIX/<name>; the names
 - ``smooth_base``, ``smooth_ft0``, ``smooth_ft1``: Gaussian changes only, so the statistics that the
   randomised methods' cases (``*_stat``) compare are stable.
 - ``llama_chatml``: a Llama fine-tune whose vocabulary has two more tokens (for tokenizer cases).
+- ``llama_padded``: a Llama fine-tune whose tokenizer lists four ``<UNUSED_i>`` tokens past its 256
+  embedding rows (mergekit's tokenizer tests' "padded" model).
+- ``granite_base``, ``granite_ft0``, ``granite_ft1``: IBM Granite (its embedding / residual / logits
+  multipliers in config.json), and ``llava_*`` likewise: a LLaVA vision-language model (CLIP vision tower,
+  projector, Llama text model) - the kinds mergekit's own test suite merges besides Llama and GPT-2.
 
 All weights are bfloat16 (like most published checkpoints); the tokenizer is word level over 256 tokens.
 """
@@ -57,6 +62,14 @@ def new_model(kind: str, vocab: int = VOCAB):
         model = tf.MistralForCausalLM(tf.MistralConfig(**decoder))
     elif kind == "qwen2":
         model = tf.Qwen2ForCausalLM(tf.Qwen2Config(tie_word_embeddings=True, **decoder))
+    elif kind == "granite":
+        model = tf.GraniteForCausalLM(tf.GraniteConfig(tie_word_embeddings=False, **decoder))
+    elif kind == "llava":
+        vision = tf.CLIPVisionConfig(image_size=32, patch_size=4, num_hidden_layers=2, num_attention_heads=2,
+                                     hidden_size=h, intermediate_size=2 * h)
+        text = tf.LlamaConfig(tie_word_embeddings=False, **decoder)
+        model = tf.LlavaForConditionalGeneration(tf.LlavaConfig(vision_config=vision, text_config=text,
+                                                                image_seq_length=16))
     elif kind == "gpt2":
         model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=h, n_layer=n, n_head=4, vocab_size=vocab, n_positions=128))
     else:
@@ -127,6 +140,14 @@ def chatml_variant(out: str, seed: int) -> str:
     return "llama_chatml"
 
 
+def padded_variant(out: str, seed: int) -> str:
+    """The Llama base, fine-tuned, with four tokenizer entries that have no embedding row."""
+    torch.manual_seed(seed)
+    model = fine_tune(new_model("llama"), seed=seed * 100 + 98, noise=0.02, spikes=True)
+    save(model, os.path.join(out, "llama_padded"), added=tuple(f"<UNUSED_{i}>" for i in range(4)))
+    return "llama_padded"
+
+
 def build(out: str) -> list[str]:
     os.makedirs(out, exist_ok=True)
     names = []
@@ -137,6 +158,9 @@ def build(out: str) -> list[str]:
     names += family(out, "gpt2", "gpt2", seed=14, fine_tunes=3)
     names += family(out, "smooth", "llama", seed=15, fine_tunes=2, noise=0.05, spikes=False)
     names.append(chatml_variant(out, seed=11))
+    names.append(padded_variant(out, seed=11))
+    names += family(out, "granite", "granite", seed=16, fine_tunes=2)
+    names += family(out, "llava", "llava", seed=17, fine_tunes=2)
     with open(os.path.join(out, "fixtures.json"), "w") as f:
         json.dump({"models": names, "torch": torch.__version__}, f, indent=1)
     return names
