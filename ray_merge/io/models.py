@@ -12,7 +12,7 @@ import json
 import mmap
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
@@ -134,8 +134,7 @@ def _hub_safetensors_files(ref: ModelRef, label: str) -> Optional[list[str]]:
         except Exception as e:
             raise UserError(f"model {label}: cannot fetch model.safetensors.index.json from the hub "
                             f"({type(e).__name__})")
-        named = _index_files(idx_path, label, listed=files)
-        return named
+        return _index_files(idx_path, label, listed=files)
     if "model.safetensors" in files:
         return ["model.safetensors"]
     if files & {"pytorch_model.bin.index.json", "pytorch_model.bin"}:
@@ -156,15 +155,14 @@ def _hub_safetensors_header(url: str) -> dict:
     return _checked_header(raw, n, size, url)
 
 
-def fetch_weights(ref: str, model_dir: str, files=()) -> str:
+def fetch_weights(ref: str, model_dir: str, files: Iterable[str]) -> str:
     """The directory of a planned model with its weight files present.
 
     A hub model planned from its metadata has its weights downloaded now, from the commit it was planned
     with, into the same snapshot directory; when ``files`` (the plan's input files of the model) are all
-    there already, or the model is a local directory, nothing is done.
+    there already (or none), or the model is a local directory, nothing is done.
     """
-    files = list(files)
-    if files and all(os.path.isfile(f) for f in files):
+    if all(os.path.isfile(f) for f in files):
         return model_dir
     parsed = ModelRef.parse(ref)
     commit = snapshot_commit(model_dir)
