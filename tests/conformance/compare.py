@@ -7,9 +7,12 @@ Used by tests/test_conformance.py (imported), and by hand as a script:
         --mergekit ".venv-mergekit/bin/mergekit-yaml {config} {out} --random-seed 0" \\
         --ours ".venv/bin/ray-merge run {config} {out} --random-seed 0 --quiet" [RECIPE.yml ...]
 
-Without recipes it runs tests/recipes/*.yml. ``FIX/`` in a recipe stands for the fixtures directory. mergekit's
-outputs are kept under WORK/mergekit/ and reused by later runs; ray-merge's are rebuilt each time. One line per
-recipe, then ``conformance: K/N recipes match mergekit``; exit status 0 only when all match.
+With ``--batch MERGEKIT_PYTHON`` (e.g. ``.venv-mergekit/bin/python``) each tool runs all the recipes in one
+process (tests/conformance/batch.py), which saves a start-up of torch per recipe and tool.
+Without recipes it runs tests/recipes/*.yml (tests/recipes/mergekit_suite/ holds mergekit's own cases).
+``FIX/`` in a recipe stands for the fixtures directory. mergekit's outputs are kept under WORK/mergekit/ and
+reused by later runs; ray-merge's are rebuilt each time. One line per recipe, then ``conformance: K/N recipes
+match mergekit``; exit status 0 only when all match.
 
 What "match" means:
 - every recipe: the same tensor names; for each tensor the same shape; the same ``num_hidden_layers`` /
@@ -22,7 +25,9 @@ What "match" means:
   size of those differences (clipped at mergekit's 99th percentile) within 15%; no non-finite values.
 - a recipe may also state what its output must show, as mergekit's own tests assert it, in comment lines
   ``# expect: {...}`` (a YAML mapping; see ``check_expectations``). Both tools' outputs must show it. With
-  ``fail: true`` both tools must refuse the recipe (exit non-zero) and nothing else is compared.
+  ``fail: true`` both tools must refuse the recipe (exit non-zero) and nothing else is compared. With
+  ``token_ids: by_token`` the two tokenizers must hold the same tokens, maybe under other ids (mergekit numbers
+  a union's added tokens in hash order), and vocabulary rows are compared token by token.
 """
 from __future__ import annotations
 
@@ -151,19 +156,48 @@ def compare_tokenizers(ref_dir: str, got_dir: str) -> list[str]:
     return [f"token ids differ for {len(differ)} tokens (e.g. {differ[:3]})"] if differ else []
 
 
-def compare_outputs(name: str, recipe: dict, ref_dir: str, got_dir: str) -> list[str]:
-    """Every problem found between mergekit's output ``ref_dir`` and ray-merge's ``got_dir``."""
+def align_token_rows(ref_dir: str, got_dir: str, got: dict) -> list[str]:
+    """Reorder the vocabulary rows of ray-merge's tensors ``got`` (in place) to mergekit's token ids, when the
+    two tokenizers hold the same tokens under other ids (a recipe's ``# expect: {token_ids: by_token}``:
+    mergekit numbers the tokens a union adds in Python hash order, which changes from run to run).
+    Vocabulary tensors are those with as many rows as config.json's vocab_size."""
+    import torch
+
+    ref_ids = token_ids(os.path.join(ref_dir, "tokenizer.json"))
+    got_ids = token_ids(os.path.join(got_dir, "tokenizer.json"))
+    if set(ref_ids) != set(got_ids):
+        only_one = sorted(set(ref_ids) ^ set(got_ids))
+        return [f"token sets differ: {len(only_one)} tokens in only one (e.g. {only_one[:3]})"]
+    with open(os.path.join(got_dir, "config.json")) as f:
+        rows = json.load(f).get("vocab_size")
+    order = torch.arange(rows or 0)
+    for token, ref_id in ref_ids.items():
+        if ref_id < len(order) and got_ids[token] < len(order):
+            order[ref_id] = got_ids[token]
+    for name, tensor in got.items():
+        if rows and tensor.dim() >= 1 and tensor.shape[0] == rows:
+            got[name] = tensor[order]
+    return []
+
+
+def compare_outputs(name: str, recipe: dict, ref_dir: str, got_dir: str, by_token: bool = False) -> list[str]:
+    """Every problem found between mergekit's output ``ref_dir`` and ray-merge's ``got_dir``; with
+    ``by_token``, token ids may differ and rows are compared token by token (``align_token_rows``)."""
     ref, got = load_tensors(ref_dir), load_tensors(got_dir)
     if not ref:
         return [f"mergekit wrote no safetensors in {ref_dir}"]
     if not got:
         return [f"ray-merge wrote no safetensors in {got_dir}"]
+    if by_token:
+        token_problems = align_token_rows(ref_dir, got_dir, got)
+        if token_problems:
+            return token_problems
     if name.endswith("_stat"):
         problems = compare_statistics(ref, got, load_tensors(recipe["base_model"]))
     else:
         problems = compare_values(ref, got)
     problems += compare_configs(ref_dir, got_dir)
-    if "tokenizer" in recipe or "tokenizer_source" in recipe:
+    if ("tokenizer" in recipe or "tokenizer_source" in recipe) and not by_token:
         problems += compare_tokenizers(ref_dir, got_dir)
     return problems
 
@@ -313,7 +347,7 @@ def judge(name: str, recipe: dict, expect: dict, config: str, ref_run: tuple, go
         return [f"mergekit failed (exit {ref_rc}) on {config}:\n{ref_tail}"]
     if got_rc != 0:
         return [f"ray-merge failed (exit {got_rc}) on {config}:\n{got_tail}"]
-    problems = compare_outputs(name, recipe, ref_dir, got_dir)
+    problems = compare_outputs(name, recipe, ref_dir, got_dir, by_token=expect.get("token_ids") == "by_token")
     problems += [f"mergekit's output: {p}" for p in check_expectations(expect, ref_dir)]
     problems += [f"ray-merge's output: {p}" for p in check_expectations(expect, got_dir)]
     return problems
