@@ -9,9 +9,7 @@ import glob
 import importlib.util
 import os
 import re
-import shlex
 import subprocess
-import sys
 
 import pytest
 from conftest import REPO, mergekit_venv
@@ -59,11 +57,17 @@ def test_every_recipe_uses_known_fixtures():
             assert f'"{family}"' in builder, f"{os.path.basename(path)}: FIX/{model} is not built by make_fixtures.py"
 
 
+@pytest.fixture(scope="module")
+def conformance_results(conformance_fixtures, tmp_path_factory):
+    """{recipe name: problems}: each tool runs every recipe in one process (compare.check_batch), so the whole
+    set costs one start-up of each tool instead of one per recipe."""
+    python = os.path.join(mergekit_venv(), "bin", "python")
+    return compare.check_batch(RECIPES, str(conformance_fixtures), str(tmp_path_factory.mktemp("work")), python)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: os.path.splitext(os.path.basename(p))[0])
-def test_matches_mergekit(conformance_fixtures, tmp_path, recipe):
-    venv = mergekit_venv()
-    mergekit = f"{shlex.quote(os.path.join(venv, 'bin', 'mergekit-yaml'))} {{config}} {{out}} --random-seed 0"
-    ours = f"{shlex.quote(sys.executable)} -m ray_merge.cli run {{config}} {{out}} --random-seed 0 --quiet"
-    name, problems = compare.check_recipe(recipe, str(conformance_fixtures), str(tmp_path), mergekit, ours)
+def test_matches_mergekit(conformance_results, recipe):
+    name = os.path.splitext(os.path.basename(recipe))[0]
+    problems = conformance_results[name]
     assert not problems, f"{name}: {len(problems)} problems\n" + "\n".join(problems[:20])
