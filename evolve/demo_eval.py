@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from evolve.demo_models import ensure_demo_models
+from evolve.scoring import quiet_datasets
 
 # The demo never touches the hub; make that explicit before datasets or
 # transformers are imported.
@@ -40,6 +41,8 @@ def task_manager(include_path: str = str(TASK_DIR), include_defaults: bool = Fal
     """A cached ``TaskManager``.  Indexing lm-eval's thousands of built-in
     tasks takes seconds, so by default only ``include_path`` is indexed."""
     from lm_eval.tasks import TaskManager
+
+    quiet_datasets()
 
     return TaskManager(include_path=include_path, include_defaults=include_defaults)
 

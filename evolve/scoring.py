@@ -14,15 +14,20 @@ import numpy as np
 import torch
 
 
+def quiet_datasets() -> None:
+    """No "Generating test split" bars: one per task and candidate would bury the search's own progress."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
 def task_manager(include_paths: list[str], task_names: list[str]):
     """A TaskManager that knows ``task_names``: the include paths alone when they hold every task (indexing
     lm-eval's thousands of built-in tasks takes seconds), else the built-in tasks too."""
-    import datasets
     from lm_eval.tasks import TaskManager
 
-    # one "Generating test split" bar per task and candidate buries the search's own progress lines
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    quiet_datasets()
     if include_paths:
         tm = TaskManager(include_path=list(include_paths), include_defaults=False)
         if all(t in tm.all_tasks for t in task_names):
