@@ -323,8 +323,9 @@ class Planner:
                     f"layer {i0} of {ref0} and layer {i} of {ref} have different tensors (only in the first: "
                     f"{_few(only0)}; only in the second: {_few(only1)}); layers of different structure cannot "
                     "be merged", source=self.recipe.source)
-        check_same_layers([(f"layer {i} of {ref}", self._layer_values(m), i) for ref, m, i in rows],
-                          self.allow_crimes)
+        if not _same_layers(rows):
+            check_same_layers([(f"layer {i} of {ref}", self._layer_values(m), i) for ref, m, i in rows],
+                              self.allow_crimes)
         return suffixes
 
     def _check_packed(self, donor: _ModelMeta, stack: list[tuple[ModelRef, int]]) -> None:
@@ -539,6 +540,19 @@ def _few(names: list[str], n: int = 4) -> str:
     if not names:
         return "none"
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+# config.json keys that say nothing about a layer's structure
+_CONFIG_METADATA = ("_name_or_path", "torch_dtype", "dtype", "transformers_version", "architectures")
+
+
+def _same_layers(rows) -> bool:
+    """Whether (model, meta, layer) rows are the same layer of models with the same config: then their per-layer
+    config fields agree without reading them (which needs transformers' config classes: seconds at start-up)."""
+    (_, m0, i0) = rows[0]
+    strip = lambda c: {k: v for k, v in c.items() if k not in _CONFIG_METADATA}  # noqa: E731
+    first = strip(m0.config)
+    return all(i == i0 and strip(m.config) == first for _, m, i in rows[1:])
 
 
 def _natural_key(name: str):
