@@ -50,6 +50,8 @@ import time
 import psutil
 import torch
 
+from make_header_only_model import llama_tensors  # noqa: E402  (scripts/ is this script's directory)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # TinyLlama-like: 22 layers, hidden 2048, MLP 5632, vocab 32000 -> 1.10B parameters
@@ -104,23 +106,6 @@ models:
 dtype: bfloat16
 """,
 }
-
-
-def llama_tensors(s: dict) -> list[tuple[str, tuple[int, ...]]]:
-    h, i, v = s["hidden"], s["intermediate"], s["vocab"]
-    kv = h // s["heads"] * s["kv_heads"]
-    out = [("model.embed_tokens.weight", (v, h))]
-    for l in range(s["layers"]):
-        p = f"model.layers.{l}."
-        out += [
-            (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
-            (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
-            (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
-            (p + "mlp.down_proj.weight", (h, i)),
-            (p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
-        ]
-    out += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
-    return out
 
 
 def build_models(cache: str, s: dict = SHAPE) -> None:
