@@ -70,6 +70,10 @@ class MergeOptions:
     resume: bool = option("--resume", default=False, kind="switch",
                           help="finish an interrupted merge, keeping finished shards")
     quiet: bool = option("--quiet", default=False, kind="switch", help="no progress bar or notes")
+    storage_options: Optional[str] = option(  # JSON text (a dict from the Python API); read by io/storage
+        "--storage-options", metavar="JSON",
+        help="for an output URL (s3://bucket/prefix, gs://...): fsspec filesystem options as a JSON object, "
+             "e.g. '{\"endpoint_url\": \"http://minio:9000\"}' (credentials: the usual AWS_* variables or ~/.aws)")
     extra: dict = field(default_factory=dict)
 
 
@@ -140,7 +144,7 @@ class EvolveOptions:
                                                 "evaluator (the hung one is replaced), then recorded as failed "
                                                 "(default: config's evaluation.timeout_s; none)")
     popsize: Optional[int] = option("--popsize", "--force-population-size", kind="int",
-                                    help="CMA-ES population size (default: config / cma)")
+                                    help="population size, CMA-ES or NSGA-II (default: config / 4 + 3 ln genes)")
     sigma0: Optional[float] = option("--sigma0", kind="float", help="CMA-ES initial step, in units of each range")
     limit: Optional[float] = option("--limit", kind="float", help="examples per task (lm-eval's limit)")
     batch_size: Optional[str] = option("--batch-size", help="lm-eval batch size (an integer or auto)")

@@ -32,8 +32,9 @@ def add_merge_flags(p, help=None) -> None:
 
 def add_run_flags(p) -> None:
     """`run`'s own arguments (after add_merge_flags); `submit` forwards them to the job's `run`."""
-    p.add_argument("out", help="output directory (written under a temporary name, renamed when complete)")
-    add_options(p, MergeOptions, only=["device", "copy_tokenizer", "write_model_card", "resume"])
+    p.add_argument("out", help="output directory (written under a temporary name, renamed when complete), or "
+                               "an fsspec URL such as s3://bucket/prefix")
+    add_options(p, MergeOptions, only=["device", "copy_tokenizer", "write_model_card", "resume", "storage_options"])
     add_noted_flags(p, RUN_NOTED_FLAGS)
     add_worker_options(p)
 

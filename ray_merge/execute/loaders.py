@@ -1,9 +1,22 @@
 """Reading a plan's input tensors: lazily from disk, or kept resident (evolution re-merges the same inputs)."""
 from __future__ import annotations
 
+import os
+import threading
+from typing import Optional
+
 import torch
 
-from ray_merge.io.models import WeightReader, fetch_weights, index_weights
+from ray_merge.io.hub import snapshot_commit
+from ray_merge.io.models import (
+    ModelRef,
+    WeightReader,
+    fetch_weights,
+    index_weight_file,
+    index_weights,
+    read_config,
+)
+from ray_merge.io.quantized import quantization_format
 from ray_merge.planner.plan import Plan, PlannedTensor, TensorInput
 
 
@@ -12,39 +25,60 @@ def input_files(plan: Plan, model: int) -> set[str]:
     return {i.file for t in plan.tensors for i in t.inputs if i.model == model}
 
 
-def fetch_inputs(plan: Plan) -> None:
-    """Download the weights of the plan's hub models (planning read only their metadata); local
-    models and hub models already in the cache are left as they are."""
-    for k, m in enumerate(plan.models):
-        fetch_weights(m.ref, m.path, input_files(plan, k))
+def reads_by_file(plan: Plan, model: int) -> bool:
+    """Whether a model's weights are fetched file by file as they are read: a hub model planned from its
+    metadata at a known commit, in unquantized safetensors files (the scales of a quantized tensor may be in
+    another file: such a model, or one in PyTorch .bin files, is fetched whole when first read)."""
+    m = plan.models[model]
+    if os.path.isdir(ModelRef.parse(m.ref).path) or snapshot_commit(m.path) is None:
+        return False
+    if not all(f.endswith(".safetensors") for f in input_files(plan, model)):
+        return False
+    return quantization_format(read_config(m.path, m.ref), m.ref) is None
 
 
 class TensorLoader:
-    """Reads input tensors of a plan's models from disk, lazily; a hub model's weights are downloaded
-    when its first tensor is read, unless they are there already."""
+    """Reads input tensors of a plan's models from disk, lazily. A hub model's weight file is downloaded
+    (into this node's hub cache, at the planned commit) when the first tensor of that file is read, unless it
+    is there already: a Ray worker fetches only the files of the shards it merges."""
 
     def __init__(self, plan: Plan):
         self.plan = plan
         self._readers: dict[int, WeightReader] = {}
+        self._files: dict[int, set[str]] = {}  # models read file by file: the files indexed so far
+        self._lock = threading.Lock()  # read-ahead threads open readers too
 
-    def reader(self, model: int) -> WeightReader:
-        r = self._readers.get(model)
-        if r is None:
+    def reader(self, model: int, file: Optional[str] = None) -> WeightReader:
+        """The reader of a model's tensors; with ``file`` (a planned input file), one that holds that file's."""
+        with self._lock:
             m = self.plan.models[model]
-            path = fetch_weights(m.ref, m.path, input_files(self.plan, model))
-            r = WeightReader(index_weights(path, m.ref))
-            self._readers[model] = r
-        return r
+            r = self._readers.get(model)
+            if r is None:
+                if reads_by_file(self.plan, model):
+                    r = WeightReader({})
+                    self._files[model] = set()
+                else:
+                    r = WeightReader(index_weights(fetch_weights(m.ref, m.path, input_files(self.plan, model)),
+                                                   m.ref))
+                self._readers[model] = r
+            files = self._files.get(model)
+            if files is not None and file is not None:
+                name = os.path.basename(file)
+                if name not in files:
+                    path = fetch_weights(m.ref, m.path, [name], each=True)
+                    r.index.update(index_weight_file(os.path.join(path, name), m.ref))
+                    files.add(name)
+            return r
 
     def load(self, inp: TensorInput) -> torch.Tensor:
-        return self.reader(inp.model).read(inp.tensor)
+        return self.reader(inp.model, inp.file).read(inp.tensor)
 
     def load_all(self, pt: PlannedTensor) -> list[torch.Tensor]:
         return [self.load(i) for i in pt.inputs]
 
     def load_rows(self, inp: TensorInput, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of an input tensor, reading only those (row-chunked merges, remapped vocabularies)."""
-        return self.reader(inp.model).read_rows(inp.tensor, start, stop)
+        return self.reader(inp.model, inp.file).read_rows(inp.tensor, start, stop)
 
 
 class ResidentLoader(TensorLoader):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ray_merge.execute.shards import ShardResult, write_shards
+from ray_merge.io.storage import parse_storage_options
 from ray_merge.options import MergeOptions
 from ray_merge.planner.memory import memory_budget
 from ray_merge.planner.plan import Plan
@@ -12,4 +13,4 @@ def run_in_process(plan: Plan, shards, stage: str, options: MergeOptions, on_sha
     budget = memory_budget(options.memory_budget)
     return write_shards(plan, shards, stage, device=options.device, memory_budget=budget,
                         on_tensor=(lambda pt: progress.update(pt.out_bytes)) if progress else None,
-                        on_shard=on_shard)
+                        on_shard=on_shard, storage_options=parse_storage_options(options.storage_options))

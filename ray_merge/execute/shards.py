@@ -13,6 +13,7 @@ import torch
 
 from ray_merge.execute.loaders import TensorLoader
 from ray_merge.execute.stream import iter_computed, iter_row_chunks, row_groups
+from ray_merge.io.storage import filesystem, is_url
 from ray_merge.io.writer import ShardWriter
 from ray_merge.planner.plan import Plan, PlannedTensor, Shard
 
@@ -57,15 +58,20 @@ def _report_non_finite(pt: PlannedTensor, count: int, plan: Plan, loader: Option
 def write_shards(plan: Plan, shards: Iterable[Shard], out_dir: str, *, loader: Optional[TensorLoader] = None,
                  device: str = "cpu", memory_budget: Optional[int] = None,
                  on_tensor: Optional[Callable[[PlannedTensor], None]] = None,
-                 on_shard: Optional[Callable[[ShardResult], None]] = None) -> list[ShardResult]:
-    """Compute and write the given output shards into ``out_dir``; return their checksums."""
+                 on_shard: Optional[Callable[[ShardResult], None]] = None,
+                 storage_options: Optional[dict] = None) -> list[ShardResult]:
+    """Compute and write the given output shards into ``out_dir`` (a local directory, or an fsspec URL opened
+    with ``storage_options``: each shard streamed straight to its object); return their checksums."""
     loader = loader or TensorLoader(plan)
     results = []
+    fs = None
+    if is_url(out_dir):
+        fs, out_dir = filesystem(out_dir, storage_options)
     with ThreadPoolExecutor(1, thread_name_prefix="ray-merge-write") as write_pool:
         for shard in shards:
             tensors = plan.shard_tensors(shard)
-            writer = ShardWriter(os.path.join(out_dir, shard.filename),
-                                 [(t.name, t.shape, t.out_dtype) for t in tensors])
+            path = os.path.join(out_dir, shard.filename) if fs is None else f"{out_dir}/{shard.filename}"
+            writer = ShardWriter(path, [(t.name, t.shape, t.out_dtype) for t in tensors], fs=fs)
             try:
                 pending: Optional[Future] = None
                 non_finite: dict[str, int] = {}

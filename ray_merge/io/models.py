@@ -9,6 +9,7 @@ import glob
 import hashlib
 import itertools
 import json
+import logging
 import mmap
 import os
 from dataclasses import dataclass
@@ -17,8 +18,11 @@ from typing import Iterable, Optional
 import torch
 
 from ray_merge.errors import UserError
-from ray_merge.io.hub import hub_file_url, read_range, snapshot_commit
+from ray_merge.io.hub import RangeFile, hub_file_url, read_range, snapshot_commit
 from ray_merge.io.quantized import Quantized, dequantized_index, read_dequantized
+from ray_merge.units import format_bytes
+
+log = logging.getLogger("ray_merge")
 
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
                    "pytorch_model.bin.index.json"]
@@ -88,10 +92,11 @@ def plan_model(ref: ModelRef) -> tuple[str, dict, dict[str, TensorMeta]]:
     """A model's directory, config and tensors, for planning: nothing of a hub model's weights is downloaded.
 
     A local directory is indexed as it is. A hub model is fetched without its weights (config, tokenizer
-    files) and its safetensors headers are read with HTTP byte range requests; each tensor's ``file`` is
-    where the weights download will put it, in the same snapshot directory (see ``fetch_weights``). When
-    that cannot be done (PyTorch .bin weights, or no hub: offline, the cache decides), the whole model is
-    fetched, as ``resolve_model_dir`` does.
+    files) and its safetensors headers are read with HTTP byte range requests (PyTorch .bin weights: the zip
+    directory and pickle of each file, loaded onto the meta device); each tensor's ``file`` is where the
+    weights download will put it, in the same snapshot directory (see ``fetch_weights``). When that cannot be
+    done (.bin files of the legacy, non-zip format; no hub: offline, the cache decides), the whole model is
+    fetched, as ``resolve_model_dir`` does, after a notice giving its size.
     """
     if os.path.isdir(ref.path):
         path = resolve_model_dir(ref)
@@ -100,46 +105,82 @@ def plan_model(ref: ModelRef) -> tuple[str, dict, dict[str, TensorMeta]]:
     config = read_config(path, str(ref))
     commit = snapshot_commit(path)
     pinned = ModelRef(ref.path, commit or ref.revision)  # the weights come from the commit planned with
-    files = _hub_safetensors_files(pinned, str(ref)) if commit else None
-    if files is None:
+    listing = _hub_plan_files(pinned, str(ref)) if commit else None
+    if listing is None:
         path = resolve_model_dir(pinned)
         return path, config, index_weights(path, str(ref))
+    files, sizes = listing
     if all(os.path.isfile(os.path.join(path, f)) for f in files):  # already in the cache
         return path, config, index_weights(path, str(ref))
     index: dict[str, TensorMeta] = {}
     for file in files:
         url = hub_file_url(pinned.path, file, pinned.revision)
         local = os.path.join(path, file)
-        for name, info in _hub_safetensors_header(url).items():
+        if file.endswith(".bin"):
+            entries = _hub_bin_header(url)
+            if entries is None:  # not readable in parts: the whole weights, now
+                total = sum(sizes.get(f, 0) for f in files)
+                log.warning("model %s: planning downloads its PyTorch .bin weights (%d file(s), %s): %s is not "
+                            "in the zip format whose metadata can be read without the tensors", ref, len(files),
+                            format_bytes(total), file)
+                path = resolve_model_dir(pinned)
+                return path, config, index_weights(path, str(ref))
+        else:
+            entries = {name: (tuple(info["shape"]), SAFETENSORS_DTYPES[info["dtype"]], info["file_offset"])
+                       for name, info in _hub_safetensors_header(url).items()}
+        for name, (shape, dtype, offset) in entries.items():
             if name in index:
                 raise UserError(f"model {ref}: tensor {name} is in both {os.path.basename(index[name].file)} "
                                 f"and {file}", source=url)
-            index[name] = TensorMeta(local, tuple(info["shape"]), SAFETENSORS_DTYPES[info["dtype"]],
-                                     info["file_offset"], hub_url=url)
+            index[name] = TensorMeta(local, shape, dtype, offset, hub_url=url)
     return path, config, dequantized_index(index, config if isinstance(config, dict) else {}, str(ref))
 
 
-def _hub_safetensors_files(ref: ModelRef, label: str) -> Optional[list[str]]:
-    """The safetensors files the weights download of a hub model fetches (as ``hub_weight_files`` chooses
-    them), or None: PyTorch .bin weights, or the file list not to be had (offline)."""
+def _hub_plan_files(ref: ModelRef, label: str) -> Optional[tuple[list[str], dict[str, int]]]:
+    """The weight files the weights download of a hub model fetches (as ``hub_weight_files`` chooses them:
+    safetensors when there are any, else PyTorch .bin) and every file's size; None when the file list is not
+    to be had (offline) or holds no weights."""
     from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.hf_api import RepoFile
 
     try:
-        files = set(HfApi().list_repo_files(ref.path, revision=ref.revision))
+        sizes = {f.path: f.size for f in HfApi().list_repo_tree(ref.path, revision=ref.revision, recursive=True)
+                 if isinstance(f, RepoFile)}
     except Exception:  # offline, or the hub unreachable: the cache decides
         return None
-    if "model.safetensors.index.json" in files:
-        try:
-            idx_path = hf_hub_download(ref.path, "model.safetensors.index.json", revision=ref.revision)
-        except Exception as e:
-            raise UserError(f"model {label}: cannot fetch model.safetensors.index.json from the hub "
-                            f"({type(e).__name__})")
-        return _index_files(idx_path, label, listed=files)
-    if "model.safetensors" in files:
-        return ["model.safetensors"]
-    if files & {"pytorch_model.bin.index.json", "pytorch_model.bin"}:
+    files = set(sizes)
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if index in files:
+            try:
+                idx_path = hf_hub_download(ref.path, index, revision=ref.revision)
+            except Exception as e:
+                raise UserError(f"model {label}: cannot fetch {index} from the hub ({type(e).__name__})")
+            return _index_files(idx_path, label, listed=files), sizes
+        if single in files:
+            return [single], sizes
+    named = sorted(f for f in files if f.endswith(".safetensors") and "/" not in f)
+    return (named, sizes) if named else None
+
+
+def _hub_bin_header(url: str) -> Optional[dict[str, tuple[tuple[int, ...], torch.dtype, None]]]:
+    """Every tensor's shape and dtype in a hub PyTorch .bin file, read without its tensor data: the zip
+    directory and the pickle (a few range requests; the pickle is loaded onto the meta device, weights-only).
+    None when the file cannot be read so: the legacy (non-zip) format, or more metadata than RangeFile reads."""
+    try:
+        f = RangeFile(url)
+        if f.size < 4 or f.read(4) != b"PK\x03\x04":
+            return None
+        f.seek(0)
+        state = torch.load(f, map_location="meta", weights_only=True, mmap=False)
+    except OSError:
         return None
-    return sorted(f for f in files if f.endswith(".safetensors") and "/" not in f) or None
+    except Exception as e:  # HTTP errors, pickle errors come in many types
+        raise UserError(f"cannot read PyTorch weights from the hub: {type(e).__name__}: {e}", source=url)
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise UserError("cannot read PyTorch weights: not a state dict of named tensors", source=url)
+    return {name: (tuple(t.shape), t.dtype, None) for name, t in state.items()}
 
 
 def _hub_safetensors_header(url: str) -> dict:
@@ -155,20 +196,40 @@ def _hub_safetensors_header(url: str) -> dict:
     return _checked_header(raw, n, size, url)
 
 
-def fetch_weights(ref: str, model_dir: str, files: Iterable[str]) -> str:
-    """The directory of a planned model with its weight files present.
+def fetch_weights(ref: str, model_dir: str, files: Iterable[str], *, each: bool = False) -> str:
+    """The directory of a planned model with its weight files ``files`` present (only their names count).
 
     A hub model planned from its metadata has its weights downloaded now, from the commit it was planned
-    with, into the same snapshot directory; when ``files`` (the plan's input files of the model) are all
-    there already (or none), or the model is a local directory, nothing is done.
+    with, into the same snapshot directory of this node's hub cache: with ``each``, exactly the missing files
+    of ``files``, one by one; else its whole weights (as ``resolve_model_dir``). When ``files`` are all there
+    already (or none), or the model is a local directory, nothing is done.
     """
-    if all(os.path.isfile(f) for f in files):
+    names = sorted({os.path.basename(f) for f in files})
+    missing = [n for n in names if not os.path.isfile(os.path.join(model_dir, n))]
+    if not missing:
         return model_dir
     parsed = ModelRef.parse(ref)
     commit = snapshot_commit(model_dir)
     if commit is None or os.path.isdir(parsed.path):
         return model_dir
-    return resolve_model_dir(ModelRef(parsed.path, commit))
+    if not each:
+        return resolve_model_dir(ModelRef(parsed.path, commit))
+    from huggingface_hub import hf_hub_download
+
+    for name in missing:
+        try:
+            got = hf_hub_download(parsed.path, name, revision=commit)
+        except Exception as e:  # network errors, offline cache misses
+            raise UserError(f"model {ref}: cannot download {name} at commit {commit[:12]} from the Hugging Face "
+                            f"hub ({type(e).__name__})")
+        model_dir = os.path.dirname(got)
+    return model_dir
+
+
+def index_weight_file(path: str, label: str) -> dict[str, TensorMeta]:
+    """Every tensor of one safetensors file, as stored (a model read file by file)."""
+    return {name: TensorMeta(path, tuple(info["shape"]), SAFETENSORS_DTYPES[info["dtype"]], info["file_offset"])
+            for name, info in _read_safetensors_header(path).items()}
 
 
 def read_config(model_dir: str, label: str) -> dict:
@@ -397,8 +458,12 @@ def file_identity(path: str) -> dict:
 
 
 def _load_bin(path: str) -> dict[str, torch.Tensor]:
+    """A PyTorch .bin file's tensors: memory-mapped (the zip format), or read whole (the legacy format of
+    torch < 1.6, which cannot be mapped)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except Exception as e:  # pickle errors come in many types
         raise UserError(f"cannot read PyTorch weights: {type(e).__name__}: {e}", source=path)
 

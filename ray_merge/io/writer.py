@@ -5,6 +5,10 @@ The safetensors library serialises a whole dict at once, which would hold an ent
 up front, we write the (standard) header first and then stream each tensor's bytes
 to its offset, so a shard never has to fit in memory. Files are checked by reading
 them back with the safetensors library in the tests.
+
+With an fsspec filesystem (object storage) the file is written through that filesystem's file object (a
+multipart upload on S3: one part buffered at a time) straight to its name: an object only appears once the
+upload completes, so no temporary name is needed, and an aborted write is discarded.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch
 import xxhash
 
 from ray_merge.errors import UserError
+from ray_merge.io.storage import storage_error
 
 _ST_DTYPE = {
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
@@ -34,9 +39,10 @@ def _nbytes(shape, dtype: str) -> int:
 class ShardWriter:
     """Writes one safetensors file whose tensors are declared in advance, in order."""
 
-    def __init__(self, path: str, layout: Iterable[tuple[str, tuple, str]]):
+    def __init__(self, path: str, layout: Iterable[tuple[str, tuple, str]], fs=None):
         self.path = path
-        self.tmp_path = path + ".tmp"
+        self._fs = fs
+        self.tmp_path = path + ".tmp" if fs is None else path
         self._layout = list(layout)
         header: dict = {"__metadata__": {"format": "pt"}}
         offset = 0
@@ -50,7 +56,7 @@ class ShardWriter:
         self._next = 0
         self._hash = xxhash.xxh3_128()  # fast enough to checksum at write speed
         try:
-            self._file = open(self.tmp_path, "wb")
+            self._file = open(self.tmp_path, "wb") if fs is None else fs.open(path, "wb")
         except OSError as e:
             raise UserError(f"cannot create: {e.strerror or e}", source=self.tmp_path) from e
         self._emit(len(raw).to_bytes(8, "little") + raw)
@@ -61,6 +67,10 @@ class ShardWriter:
             self._file.write(data)
         except OSError as e:  # a full disk: name the file (the error itself names none)
             raise UserError(f"cannot write: {e.strerror or e}", source=self.tmp_path) from e
+        except Exception as e:  # an object store's own errors (no credentials, endpoint gone)
+            if self._fs is None:
+                raise
+            raise storage_error(self.path, e) from e
         self._hash.update(data)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -99,13 +109,21 @@ class ShardWriter:
         if self._next != len(self._expected):
             raise RuntimeError(f"shard {self.path}: {len(self._expected) - self._next} tensors never written")
         try:
-            self._file.close()  # flushes the last buffered bytes
-            os.replace(self.tmp_path, self.path)
+            self._file.close()  # flushes the last buffered bytes (on object storage: completes the upload)
+            if self._fs is None:
+                os.replace(self.tmp_path, self.path)
         except OSError as e:
             raise UserError(f"cannot write: {e.strerror or e}", source=self.tmp_path) from e
+        except Exception as e:
+            if self._fs is None:
+                raise
+            raise storage_error(self.path, e) from e
         return self._hash.hexdigest()
 
     def abort(self) -> None:
+        if self._fs is not None:
+            self._discard()
+            return
         try:
             self._file.close()
         except OSError:
@@ -114,10 +132,25 @@ class ShardWriter:
             os.remove(self.tmp_path)
 
 
-def checksum_file(path: str, chunk: int = 1 << 24) -> str:
-    """The same checksum ShardWriter returns, computed from a file on disk."""
+    def _discard(self) -> None:
+        """Drop an unfinished upload: the object never appears."""
+        discard = getattr(self._file, "discard", None)
+        try:
+            if discard is not None:
+                discard()  # S3: aborts the multipart upload
+                self._file.closed = True  # nothing left to flush when the file object is collected
+            else:
+                self._file.close()
+                if self._fs.exists(self.path):
+                    self._fs.rm(self.path)
+        except Exception:
+            pass  # the store is unreachable: an unfinished upload is never a visible object anyway
+
+
+def checksum_file(path: str, chunk: int = 1 << 24, fs=None) -> str:
+    """The same checksum ShardWriter returns, computed from a file on disk (or on ``fs``)."""
     h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
+    with (open(path, "rb") if fs is None else fs.open(path, "rb", block_size=chunk)) as f:
         while True:
             b = f.read(chunk)
             if not b:

@@ -3,6 +3,7 @@
 Everything is written into ``<out>.ray-merge-partial`` next to the output and renamed
 to ``<out>`` only when complete, so an interrupted run never leaves a directory that
 looks finished. The journal records each finished, checksummed shard for --resume.
+An output URL on object storage (no rename there) is laid out otherwise: see ``output/remote.py``.
 """
 from __future__ import annotations
 
@@ -10,14 +11,17 @@ import fcntl
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from typing import Optional
 
 from ray_merge.errors import UserError
-from ray_merge.io.models import file_identity
+from ray_merge.io.hub import snapshot_commit
+from ray_merge.io.models import ModelRef, file_identity
 from ray_merge.io.writer import checksum_file
 from ray_merge.output.tokenizer import write_tokenizer
 from ray_merge.planner.plan import Plan
@@ -42,34 +46,86 @@ def check_output_location(out_dir: str) -> str:
     empty directory, nothing, itself): the output is renamed into place at the end, which would replace
     the link rather than fill its target, so we say so before any tensor is read. Links in the
     directories above the output are fine.
+
+    The location is checked for what would fail later: a file in the way, a read-only or virtual
+    filesystem (``/proc``, ``/sys``), a directory that refuses new entries (tried by making and removing
+    one, which also holds for root). An object-storage URL (``s3://...``) is returned as it is.
     """
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://", str(out_dir)) and not str(out_dir).lower().startswith("file://"):
+        return out_dir  # object storage: checked where it is opened (output/remote.py)
     out_dir = os.path.abspath(out_dir)
     for path in (out_dir, staging_dir(out_dir)):
         if os.path.islink(path):
             raise UserError(f"output {path} is a symbolic link (to {os.readlink(path)}); give the real path "
                             "of the output directory instead")
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"output {out_dir} already exists and is a file, not a directory; choose a new path")
+    if os.path.exists(out_dir) and os.listdir(out_dir):
         raise UserError(f"output {out_dir} already exists and is not empty; choose a new path or remove it")
     parent = os.path.dirname(out_dir) or "."
+    existing = parent
+    while not os.path.exists(existing):  # the nearest existing directory above the output
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"cannot create output {out_dir}: {existing} is a file, not a directory")
+    fs = os.statvfs(existing)
+    if fs.f_flag & os.ST_RDONLY:
+        raise UserError(f"cannot create output {out_dir}: {existing} is on a read-only filesystem")
+    if fs.f_blocks == 0:  # proc, sysfs, cgroup ...: no storage behind them
+        raise UserError(f"cannot create output {out_dir}: {existing} is on a virtual filesystem with no storage "
+                        f"({_fs_type(existing) or 'no disk'}); choose a directory on a disk")
     try:
         os.makedirs(parent, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".ray-merge-probe-", dir=parent))
     except OSError as e:
-        raise UserError(f"cannot create output location {parent}: {e.strerror}")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"output location {parent} is not writable")
+        raise UserError(f"output location {parent} is not writable: {e.strerror}")
     return out_dir
+
+
+def _fs_type(path: str) -> Optional[str]:
+    """The type of the filesystem holding ``path`` (Linux's mount table), or None."""
+    try:
+        with open("/proc/self/mounts") as f:
+            mounts = [line.split()[1:3] for line in f if len(line.split()) > 2]
+    except OSError:
+        return None
+    real = os.path.realpath(path)
+    best = max((m for m in mounts if real == m[0] or real.startswith(m[0].rstrip("/") + "/")),
+               key=lambda m: len(m[0]), default=None)
+    return best[1] if best else None
 
 
 class Staging:
     """The staging directory of one run, locked for as long as the run lasts.
 
     ``done``: shards a previous run finished whose files still match their journaled checksum.
+    ``shard_dir``: where the executors write the shards (here: the staging directory itself). The
+    object-storage counterpart, with the same methods, is ``output.remote.RemoteStaging``.
     """
 
-    def __init__(self, path: str, lock, done: dict[int, dict]):
+    local = True
+
+    def __init__(self, path: str, lock, done: dict[int, dict], out_dir: Optional[str] = None):
         self.path = path
         self.done = done
         self._lock = lock
+        self.out_dir = out_dir
+
+    @property
+    def shard_dir(self) -> str:
+        return self.path
+
+    def journal(self, result) -> None:
+        journal_shard(self.path, result)
+
+    def finalize(self, plan: Plan, shard_records: dict[int, dict], **kw) -> None:
+        finalize(plan, self.path, self.out_dir, shard_records, **kw)
+
+    def exists(self) -> bool:
+        return os.path.isdir(self.path)
+
+    def discard(self) -> None:
+        discard(self.path)
 
     def release(self) -> None:
         self._lock.close()
@@ -99,7 +155,7 @@ def prepare_output(out_dir: str, plan: Plan, *, resume: bool) -> Staging:
             discard(stage)
             lock.close()
             raise
-        return Staging(stage, lock, {})
+        return Staging(stage, lock, {}, out_dir)
     lock = lock_staging(stage)
     try:
         if not resume:
@@ -111,7 +167,7 @@ def prepare_output(out_dir: str, plan: Plan, *, resume: bool) -> Staging:
     except BaseException:
         lock.close()
         raise
-    return Staging(stage, lock, done)
+    return Staging(stage, lock, done, out_dir)
 
 
 def _check_space(out_dir: str, need: int) -> None:
@@ -159,9 +215,15 @@ def discard(stage: str) -> None:
 
 
 def input_identities(plan: Plan) -> dict[str, dict]:
-    """Every input weight file of the plan with its size, modification time and header hash."""
-    files = sorted({i.file for t in plan.tensors for i in t.inputs})
-    return {f: file_identity(f) for f in files}
+    """Every input weight file of the plan with its size, modification time and header hash; a hub model's
+    file by the commit it was planned at (immutable, and perhaps not downloaded here: workers fetch it)."""
+    commits = {}
+    for k, m in enumerate(plan.models):
+        commit = None if os.path.isdir(ModelRef.parse(m.ref).path) else snapshot_commit(m.path)
+        if commit:
+            commits[k] = commit
+    files = sorted({(i.file, i.model) for t in plan.tensors for i in t.inputs})
+    return {f: {"hub_commit": commits[k]} if k in commits else file_identity(f) for f, k in files}
 
 
 def check_inputs(stage: str, plan: Plan) -> None:
@@ -175,6 +237,11 @@ def check_inputs(stage: str, plan: Plan) -> None:
             recorded = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"unreadable record of the inputs ({e}); remove {stage} to start over", source=path)
+    compare_inputs(recorded, plan, stage, path)
+
+
+def compare_inputs(recorded, plan: Plan, stage: str, path: str) -> None:
+    """Refuse to resume when the inputs recorded in ``path`` (of staging ``stage``) are not the plan's."""
     if not isinstance(recorded, dict):
         raise UserError(f"unreadable record of the inputs; remove {stage} to start over", source=path)
     current = input_identities(plan)
@@ -248,6 +315,25 @@ def finalize(plan: Plan, stage: str, out_dir: str, shard_records: dict[int, dict
              copy_tokenizer: bool = True, write_model_card: bool = True,
              extra_manifest: Optional[dict] = None) -> None:
     """Write index, config, tokenizer, card and manifest; then move the directory into place."""
+    write_metadata(plan, stage, shard_records, copy_tokenizer=copy_tokenizer, write_model_card=write_model_card,
+                   extra_manifest=extra_manifest)
+    for leftover in (JOURNAL, FINGERPRINT, INPUTS):
+        p = os.path.join(stage, leftover)
+        if os.path.exists(p):
+            os.remove(p)
+    out_dir = os.path.abspath(out_dir)
+    if os.path.isdir(out_dir) and not os.listdir(out_dir):
+        os.rmdir(out_dir)
+    # the lock file moves with the directory (a run starting now finds the staging directory locked,
+    # or gone) and is removed from the output right after
+    os.replace(stage, out_dir)
+    if os.path.exists(os.path.join(out_dir, LOCK)):
+        os.remove(os.path.join(out_dir, LOCK))
+
+
+def write_metadata(plan: Plan, stage: str, shard_records: dict[int, dict], *, copy_tokenizer: bool = True,
+                   write_model_card: bool = True, extra_manifest: Optional[dict] = None) -> None:
+    """Index, config, generation config, tokenizer, recipe, card and manifest, written into ``stage``."""
     missing = [s.index for s in plan.shards if s.index not in shard_records]
     if missing:
         raise RuntimeError(f"shards {missing} were never written")
@@ -284,18 +370,6 @@ def finalize(plan: Plan, stage: str, out_dir: str, shard_records: dict[int, dict
         **(extra_manifest or {}),
     }
     _write_json(os.path.join(stage, MANIFEST), manifest)
-    for leftover in (JOURNAL, FINGERPRINT, INPUTS):
-        p = os.path.join(stage, leftover)
-        if os.path.exists(p):
-            os.remove(p)
-    out_dir = os.path.abspath(out_dir)
-    if os.path.isdir(out_dir) and not os.listdir(out_dir):
-        os.rmdir(out_dir)
-    # the lock file moves with the directory (a run starting now finds the staging directory locked,
-    # or gone) and is removed from the output right after
-    os.replace(stage, out_dir)
-    if os.path.exists(os.path.join(out_dir, LOCK)):
-        os.remove(os.path.join(out_dir, LOCK))
 
 
 def model_card(plan: Plan, recipe_yaml: str) -> str:

@@ -98,20 +98,21 @@ class MergeWorker:
     """One merge worker (a Ray actor): writes the shards the driver sends it."""
 
     def __init__(self, plan: Plan, stage: str, rank: int, device: str, budget: Optional[int],
-                 threads: int = 1):
+                 threads: int = 1, storage_options: Optional[dict] = None):
         import ray
         import torch
 
         torch.set_num_threads(max(1, threads))
         self.rank = rank
         self.stage = stage
+        self.storage_options = storage_options  # set: ``stage`` is an object-storage URL (fsspec)
         self.device = device
         self.problems: list[str] = []
         self.node_id = ray.get_runtime_context().get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
         self.plan = self._localize(plan)
         self.shards = {s.index: s for s in self.plan.shards}
-        if not os.path.isdir(stage):
+        if storage_options is None and not os.path.isdir(stage):
             self.problems.append(f"cannot see the output staging directory {stage}: the output must be on a "
                                  f"filesystem every node shares")
         self.gpu_total = 0
@@ -143,7 +144,7 @@ class MergeWorker:
             if len(parts) > 2 and parts[-2] == "snapshots":
                 ref = ModelRef(ref.path, parts[-1])  # the exact commit the driver planned with
             try:
-                models.append(InputModel(m.ref, resolve_model_dir(ref)))
+                models.append(InputModel(m.ref, resolve_model_dir(ref, weights=False)))  # weights: as read
                 changed = True
             except UserError as e:
                 self.problems.append(f"cannot read input model {m.ref} ({m.path}): {e}")
@@ -170,20 +171,26 @@ class MergeWorker:
 
         t0 = time.time()
         shard = self.shards[index]
-        attempt = os.path.join(self.stage, ATTEMPTS_DIR, f"{index:05d}-{uuid.uuid4().hex[:8]}")
-        os.makedirs(attempt)
+        remote = self.storage_options is not None
+        attempt = None if remote else os.path.join(self.stage, ATTEMPTS_DIR, f"{index:05d}-{uuid.uuid4().hex[:8]}")
+        if attempt is not None:
+            os.makedirs(attempt)
         mem = PeakMemory()
         cuda = self.device.startswith("cuda")
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         mem.start()
         try:
-            res = write_shards(self.plan, [shard], attempt, loader=_ReleasingLoader(self.plan),
-                               device=self.device, memory_budget=self.budget)[0]
-            # a whole file or nothing: a worker killed mid-write leaves only its attempt directory
-            os.replace(os.path.join(attempt, shard.filename), os.path.join(self.stage, shard.filename))
+            # object storage: streamed to its final name (an object appears whole, once its upload completes)
+            res = write_shards(self.plan, [shard], self.stage if remote else attempt,
+                               loader=_ReleasingLoader(self.plan), device=self.device, memory_budget=self.budget,
+                               storage_options=self.storage_options)[0]
+            if attempt is not None:
+                # a whole file or nothing: a worker killed mid-write leaves only its attempt directory
+                os.replace(os.path.join(attempt, shard.filename), os.path.join(self.stage, shard.filename))
         finally:
-            shutil.rmtree(attempt, ignore_errors=True)
+            if attempt is not None:
+                shutil.rmtree(attempt, ignore_errors=True)
         peak = mem.stop()
         self.peak_rss = max(self.peak_rss, peak)
         tensors = self.plan.shard_tensors(shard)

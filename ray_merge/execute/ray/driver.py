@@ -3,10 +3,12 @@
 The driver plans from metadata only, assigns the output shards to worker actors
 (largest first, within each worker's memory budget) and sends each worker shard
 indices. A worker reads its own inputs (a path every node sees, or the hub cache on
-its node) and writes its own shards into the staging directory, which every node must
-see; only checksums and statistics come back, so no tensor data passes through the
-driver. The driver journals each shard as its result arrives (``--resume`` after a
-driver crash) and gives the shards of a worker that dies to the others.
+its node, each weight file fetched by the worker that reads it) and writes its own shards
+into the staging directory, which every node must see, or straight to object storage (an
+output URL, with the storage options passed to every worker); only checksums and
+statistics come back, so no tensor data passes through the driver. The driver journals
+each shard as its result arrives (``--resume`` after a driver crash) and gives the shards
+of a worker that dies to the others.
 
 Output bytes do not depend on the number of workers: the shard layout comes from the
 plan, random methods are seeded per tensor name, and a tensor merged in row chunks
@@ -29,6 +31,7 @@ from ray_merge.execute.ray.actor import MAX_RESTARTS, MergeWorker
 from ray_merge.execute.ray.pool import WorkPool
 from ray_merge.execute.ray.session import RayConnection, check_ray_address
 from ray_merge.execute.shards import ATTEMPTS_DIR, ShardResult
+from ray_merge.io.storage import is_url, parse_storage_options
 from ray_merge.options import MergeOptions, WorkerSpec
 from ray_merge.planner.memory import (
     check_memory,
@@ -228,7 +231,9 @@ class RayExecutor:
         remote_cls = ray.remote(self.worker_cls)
         self.plan_bytes = len(pickle.dumps(plan))
         threads = max(1, int(self.spec.cpus))
-        self.slots = [_Slot(rank, remote_cls.options(**opts).remote(plan, stage, rank, device, budget, threads))
+        storage = parse_storage_options(options.storage_options) if is_url(stage) else None
+        self.slots = [_Slot(rank, remote_cls.options(**opts).remote(plan, stage, rank, device, budget, threads,
+                                                                    storage_options=storage))
                       for rank in range(n)]
         pending = {s.actor.info.remote(): s for s in self.slots}
         ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=self.spec.start_timeout)
@@ -272,7 +277,8 @@ class RayExecutor:
              progress) -> list[ShardResult]:
         """Hand out shards through a :class:`WorkPool` (one at a time per worker) in the order of a
         :class:`ShardQueue`; redo the shard of a worker that died; journal each result as it arrives."""
-        os.makedirs(os.path.join(stage, ATTEMPTS_DIR), exist_ok=True)
+        if not is_url(stage):  # object storage: each worker streams its shards straight to their names
+            os.makedirs(os.path.join(stage, ATTEMPTS_DIR), exist_ok=True)
         self._start_workers(plan, stage, options)
         live = [s for s in self.slots if s.state == "started"]
         known = [s.budget for s in live if s.budget is not None]
