@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from evolve.scoring import LM_EVAL_ARGS
+from evolve.subsample import MODES as SUBSAMPLE_MODES
 from ray_merge.errors import UserError
 from ray_merge.methods import get_method
 from ray_merge.recipe.load import load_yaml
@@ -31,11 +32,16 @@ DATAFLOW_KEYS = {"max_layers", "repeats", "scale", "scale_filters"}
 # genome keys of a parameter-space search only: refused with kind: dataflow (they would be ignored)
 PARAMETER_ONLY_KEYS = ("base_model", "layer_granularity", "normalize", "allow_negative_weights", "smooth",
                        "filters", "parameters")
-SEARCH_KEYS = {"popsize", "sigma0", "max_fevals", "max_time_s", "patience", "seed", "random_init", "cma_options"}
+SEARCH_KEYS = {"popsize", "sigma0", "max_fevals", "max_time_s", "patience", "seed", "random_init", "cma_options",
+               "strategy"}
+STRATEGIES = ("cma", "nsga2")
+CMA_ONLY_KEYS = ("sigma0", "cma_options")
 EVAL_KEYS = {"backend", "workers", "num_cpus", "num_gpus", "device", "merge_device", "dtype", "batch_size",
              "limit", "num_fewshot", "apply_chat_template", "fewshot_as_multiturn", "system_instruction",
              "include_paths", "lm_eval", "model_args", "vllm_python", "in_flight", "score_inputs",
-             "torch_threads", "timeout_s"}
+             "torch_threads", "timeout_s", "subsample"}
+SUBSAMPLE_KEYS = {"size", "mode", "seed", "rescore_top", "rescore_every"}
+SUBSAMPLE_SCORING_KEYS = ("size", "mode", "seed")  # what a candidate's cheap score depends on
 TASK_KEYS = {"name", "weight", "metric"}
 BOUND_KEYS = {"min", "max", "init"}
 BACKENDS = ("hf", "vllm")
@@ -50,7 +56,7 @@ RESERVED_LM_EVAL = {"model", "model_args", "tasks", "task_manager", "limit", "nu
 # the settings that change a candidate's score: a resumed search must keep them
 SCORING_KEYS = ("genome", "tasks", "evaluation.limit", "evaluation.num_fewshot", "evaluation.apply_chat_template",
                 "evaluation.fewshot_as_multiturn", "evaluation.system_instruction", "evaluation.lm_eval",
-                "evaluation.dtype", "seed")
+                "evaluation.dtype", "seed", "evaluation.subsample")
 
 
 @dataclass
@@ -107,6 +113,7 @@ class SearchConfig:
     seed: int = 0
     random_init: bool = False
     cma_options: dict = field(default_factory=dict)
+    strategy: str = "cma"  # or "nsga2": a Pareto front over the tasks (evolve.searcher.NSGA2Searcher)
 
 
 @dataclass
@@ -132,6 +139,8 @@ class EvalConfig:
     score_inputs: bool = True  # also score every input model (reported next to the search's best)
     torch_threads: Optional[int] = None  # default: the actor's CPUs
     timeout_s: Optional[float] = None  # per evaluation: a candidate past it is retried once elsewhere, then failed
+    # cheap fitness (evolve.subsample): {size, mode, seed, rescore_top, rescore_every}; None: the full sets
+    subsample: Optional[dict] = None
 
 
 @dataclass
@@ -153,6 +162,10 @@ class EvolveConfig:
             for part in key.split("."):
                 node = node.get(part) if isinstance(node, dict) else None
             out[key] = node
+        if out["evaluation.subsample"] is None:  # absent: the view (and hash) of searches from before the key
+            del out["evaluation.subsample"]
+        else:
+            out["evaluation.subsample"] = {k: out["evaluation.subsample"].get(k) for k in SUBSAMPLE_SCORING_KEYS}
         return out
 
     @property
@@ -202,7 +215,16 @@ def config_from_dict(data: dict, source: str = "<config>", base_dir: Optional[st
         seed=_int(search_raw.get("seed", seed), "search.seed", err),
         random_init=_bool(search_raw.get("random_init", False), "search.random_init", err),
         cma_options=_mapping(search_raw.get("cma_options"), "search.cma_options", err),
+        strategy=search_raw.get("strategy", "cma"),
     )
+    if search.strategy not in STRATEGIES:
+        raise err("search.strategy", f"unknown strategy {search.strategy!r} (use {' or '.join(STRATEGIES)})")
+    if search.strategy == "nsga2":
+        for key in CMA_ONLY_KEYS:
+            if key in search_raw:
+                raise err(f"search.{key}", "a CMA-ES setting; search.strategy is nsga2")
+        if len(tasks) < 2:
+            raise err("search.strategy", "nsga2 needs two or more tasks (each task's score is an objective)")
     for bad in ("bounds", "popsize", "maxfevals", "seed", "x0", "sigma0"):
         if bad in search.cma_options:
             raise err(f"search.cma_options.{bad}", "set by ray-merge (use search.popsize / max_fevals / seed / "
@@ -223,7 +245,10 @@ def config_from_dict(data: dict, source: str = "<config>", base_dir: Optional[st
             ev_raw[key] = data.pop(key)
     data.pop("shuffle", None)
     evaluation = _evaluation(ev_raw, base_dir, err)
+    evaluation.subsample = _subsample(ev_raw.get("subsample"), seed, evaluation, err)
     data["evaluation"] = dict(ev_raw, include_paths=evaluation.include_paths)
+    if evaluation.subsample is not None:
+        data["evaluation"]["subsample"] = dict(evaluation.subsample)
     data["search"] = dict(search_raw)
     data["seed"] = seed
     return EvolveConfig(genome=genome, tasks=tasks, search=search, evaluation=evaluation, seed=seed,
@@ -583,6 +608,26 @@ def _evaluation(ev: dict, base_dir: str, err) -> EvalConfig:
         torch_threads=_opt_int(ev.get("torch_threads"), "evaluation.torch_threads", err, minimum=1),
         timeout_s=_opt_float(ev.get("timeout_s"), "evaluation.timeout_s", err),
     )
+
+
+def _subsample(v: Any, seed: int, ev: EvalConfig, err) -> Optional[dict]:
+    """``evaluation.subsample``, completed with its defaults (evolve.subsample)."""
+    if v is None:
+        return None
+    key = "evaluation.subsample"
+    d = _mapping(v, key, err)
+    _no_unknown(d, SUBSAMPLE_KEYS, key, err)
+    if "size" not in d:
+        raise err(f"{key}.size", "missing (examples per task a candidate is scored on)")
+    mode = d.get("mode", "per_generation")
+    if mode not in SUBSAMPLE_MODES:
+        raise err(f"{key}.mode", f"unknown mode {mode!r} (use {' or '.join(SUBSAMPLE_MODES)})")
+    if "samples" in ev.lm_eval:
+        raise err(key, "cannot be combined with evaluation.lm_eval.samples (both pick the examples)")
+    return {"size": _int(d["size"], f"{key}.size", err, minimum=1), "mode": mode,
+            "seed": _int(d.get("seed", seed), f"{key}.seed", err),
+            "rescore_top": _int(d.get("rescore_top", 5), f"{key}.rescore_top", err, minimum=1),
+            "rescore_every": _opt_int(d.get("rescore_every"), f"{key}.rescore_every", err, minimum=1)}
 
 
 def check_benchmark_tasks(cfg: EvolveConfig, allowed: bool) -> None:

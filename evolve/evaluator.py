@@ -83,7 +83,9 @@ class Evaluator:
                 "backend": self.backend.name, "device": getattr(self.backend, "device", "cpu"),
                 "setup_s": time.time() - t0, "resident_bytes": self.builder.resident_bytes}
 
-    def evaluate(self, cid: str, recipe: dict) -> dict:
+    def evaluate(self, cid: str, recipe: dict, subsample: Optional[dict] = None) -> dict:
+        """Build and score one candidate; ``subsample`` ({size, seed, round}): score it on that draw of each
+        task's examples (evolve.subsample) instead of the full sets."""
         t_submit = time.time()
         with self._build_lock:
             t_b0 = time.time()
@@ -96,7 +98,7 @@ class Evaluator:
             try:
                 self.backend.load(sd)
                 del sd
-                scores = self.backend.score()
+                scores = self.backend.score(subsample) if subsample is not None else self.backend.score()
             except BaseException:
                 self.stats_["failed"] += 1
                 raise

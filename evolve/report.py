@@ -1,11 +1,15 @@
-"""The search's report: progress.png, best_params.png and a one-screen summary.txt (matplotlib, Agg),
-rewritten after every generation and at the end."""
+"""The search's report: progress.png, best_params.png (pareto.png for NSGA-II) and a one-screen summary.txt
+(matplotlib, Agg), rewritten after every generation and at the end."""
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
 
 import numpy as np
+
+from evolve.pareto import pareto_front, plot_front
+from evolve.subsample import agreement_line
 
 
 def worker_utilisation(history: list[dict], session: Optional[str] = None) -> dict[str, dict]:
@@ -181,6 +185,17 @@ def summary_text(storage, genome, cfg, summary: dict) -> str:
         for name, w in sorted(util.items()):
             lines.append(f"  {name}: {w['n']} candidates, scoring {w['eval_s']:.1f}s of {w['span_s']:.1f}s "
                          f"= {100 * w['share']:.1f}% busy; merging {w['build_s']:.1f}s (overlapped)")
+    if cfg.search.strategy == "nsga2":
+        front = pareto_front(history, cfg.tasks)
+        lines += ["", f"Pareto front (NSGA-II, {len(tasks)} objectives): {len(front)} candidate(s): "
+                      + ", ".join(r["id"] for r in front[:8]) + (", ..." if len(front) > 8 else ""),
+                  f"  recipes: {storage.file('pareto')}/front_NNN.yml; scores: pareto.json; plot: pareto.png"]
+    if cfg.evaluation.subsample is not None:
+        try:
+            with open(storage.file("subsample_agreement.json")) as f:
+                lines += ["", agreement_line(json.load(f))]
+        except (OSError, ValueError):
+            lines += ["", agreement_line({})]
     lines += ["", f"best recipe: {storage.file('best_config.yml')}  (ray-merge run it unchanged)",
               f"history: {storage.file('history.jsonl')}; plots: progress.png, best_params.png"]
     return "\n".join(lines)
@@ -195,6 +210,8 @@ def write_report(storage, genome, cfg, summary: dict) -> str:
         if ok:
             best = max(ok, key=lambda r: r["score"])
             plot_best_params(storage.file("best_params.png"), genome, best["genotype"])
+        if cfg.search.strategy == "nsga2":
+            plot_front(storage.file("pareto.png"), history, cfg.tasks, inputs)
     text = summary_text(storage, genome, cfg, summary)
     storage.write_atomic("summary.txt", text + "\n")
     return text

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import random
 import traceback
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
+
+from evolve.subsample import samples_for
 
 
 def quiet_datasets() -> None:
@@ -48,8 +50,11 @@ PREPARE_ARGS = ("gen_kwargs", "random_seed", "numpy_random_seed", "torch_random_
 LM_EVAL_ARGS = EVALUATE_ARGS + PREPARE_ARGS
 
 
-def run_lm_eval(lm, tasks: list[dict], ev: dict, tm) -> dict[str, float]:
+def run_lm_eval(lm, tasks: list[dict], ev: dict, tm, subsample: Optional[dict] = None) -> dict[str, float]:
     """Score ``lm`` on the search's tasks; return {task: metric value}.
+
+    ``subsample`` ({size, seed, round}: evolve.subsample): score on that draw of each task's examples (lm-eval's
+    ``samples=``, drawn from the first ``evaluation.limit`` examples when a limit is set) instead of all.
 
     This is ``lm_eval.simple_evaluate`` without its per-call environment report (which runs ``pip list`` in a
     subprocess: most of the time of a small evaluation): the same seeding and task set-up, then lm-eval's
@@ -86,10 +91,15 @@ def run_lm_eval(lm, tasks: list[dict], ev: dict, tm) -> dict[str, float]:
         task_obj.set_fewshot_seed(seed=fewshot_seed)
     kwargs: dict[str, Any] = dict(bootstrap_iters=0, log_samples=False)
     kwargs.update(opts)
+    limit = ev.get("limit")
+    if subsample is not None:
+        sizes = {name: len(task_obj.eval_docs) for name, task_obj in loaded["tasks"].items()}
+        kwargs["samples"] = samples_for(sizes, subsample, limit)
+        limit = None  # lm-eval takes one of limit and samples
     results = evaluate(
         lm=lm,
         task_dict=loaded,
-        limit=ev.get("limit"),
+        limit=limit,
         apply_chat_template=ev.get("apply_chat_template", False),
         fewshot_as_multiturn=ev.get("fewshot_as_multiturn", False),
         system_instruction=ev.get("system_instruction"),

@@ -1,5 +1,12 @@
-"""The search: the generation loop. CMA-ES (evolve.searcher) proposes each generation; it is evaluated in
-parallel on Ray; every result goes to the history, and the search is checkpointed after every generation.
+"""The search: the generation loop. CMA-ES or NSGA-II (``search.strategy``; evolve.searcher) proposes each
+generation; it is evaluated in parallel on Ray; every result goes to the history, and the search is
+checkpointed after every generation. NSGA-II gets one objective per task; its Pareto front (over every
+evaluation) is written after every generation (evolve.pareto).
+
+With ``evaluation.subsample`` (evolve.subsample) each candidate is scored on a draw of each task's examples
+fixed by the seed and its generation; the top candidates are re-scored on the full sets every
+``rescore_every`` generations and at the end of each session (``rescored.jsonl``, a cache by candidate id),
+and ``subsample_agreement.json`` says how well the cheap scores ranked them.
 
 The genome is ``genome.kind``'s: parameter space (evolve.genome) or layer paths (evolve.dataflow). A
 candidate's ``recipe`` is what the history and ``best_config.yml`` hold; the evaluators build its
@@ -26,6 +33,7 @@ meets one of cma's own stop conditions.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -35,15 +43,18 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
+import yaml
 
 from evolve.config import EvolveConfig
 from evolve.dataflow import DataflowGenome
 from evolve.evaluator import Evaluator
 from evolve.genome import Genome
+from evolve.pareto import objectives, write_front
 from evolve.report import write_report
 from evolve.scoring import combined_score, format_exception
-from evolve.searcher import Searcher
+from evolve.searcher import NSGA2Searcher, Searcher
 from evolve.storage import CHECKPOINT, Storage
+from evolve.subsample import agreement_report, rescore_points, subsample_round, top_candidates
 from evolve.tracking import Tracker
 from ray_merge.engine import run_merge
 from ray_merge.errors import UserError
@@ -64,6 +75,7 @@ class Candidate:
     attempts: list = field(default_factory=list)
     excluded: set = field(default_factory=set)
     eval_recipe: Optional[dict] = None  # what the evaluators build, when not ``recipe`` (a padded layer path)
+    subsample: Optional[dict] = None  # the draw of examples it is scored on ({size, seed, round}); None: all
 
 
 @dataclass
@@ -125,6 +137,8 @@ class EvaluatorPool:
     def _submit(self, actor, c: Candidate):
         self._submitted[c.id] = time.time()
         self._held.add(c.id)
+        if c.subsample is not None:
+            return actor.evaluate.remote(c.id, c.eval_recipe or c.recipe, c.subsample)
         return actor.evaluate.remote(c.id, c.eval_recipe or c.recipe)
 
     def start(self) -> None:
@@ -308,7 +322,10 @@ def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions, evaluator
     storage = Storage(storage_path)
     storage.start(cfg, resume=opts.resume)
     genome = make_genome(cfg)
-    if genome.dim == 1:
+    strategy = cfg.search.strategy
+    if strategy == "nsga2" and opts.sigma0:
+        raise UserError("--sigma0 is a CMA-ES setting; search.strategy is nsga2", source=cfg.source)
+    if genome.dim == 1 and strategy == "cma":
         raise UserError("the genome has one gene; CMA-ES needs at least two (add a filter, a layer group or a "
                         "parameter)", source=cfg.source, key="genome")
     say = lambda m: _say(opts, m)  # noqa: E731
@@ -327,14 +344,24 @@ def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions, evaluator
     done_by_id = {r["id"]: r for r in history}
     loaded = storage.load_checkpoint() if opts.resume else None
     if loaded is None:
-        searcher = Searcher.start(genome, cfg.search, cfg.source, seed=opts.seed, popsize=opts.popsize,
-                                  sigma0=opts.sigma0)
+        if strategy == "nsga2":
+            searcher = NSGA2Searcher.start(genome, cfg.search, len(cfg.tasks), seed=opts.seed, popsize=opts.popsize)
+        else:
+            searcher = Searcher.start(genome, cfg.search, cfg.source, seed=opts.seed, popsize=opts.popsize,
+                                      sigma0=opts.sigma0)
         generation = 0
     else:
         meta, arrays = loaded
-        searcher = Searcher.restore(meta, arrays, storage.file(CHECKPOINT), cfg.search.cma_options)
+        saved_strategy = meta.get("strategy", "cma")
+        if saved_strategy != strategy:
+            raise UserError(f"the search stored here uses search.strategy {saved_strategy}, the config "
+                            f"{strategy}", source=cfg.source, key="search.strategy")
+        if strategy == "nsga2":
+            searcher = NSGA2Searcher.restore(meta, arrays, storage.file(CHECKPOINT))
+        else:
+            searcher = Searcher.restore(meta, arrays, storage.file(CHECKPOINT), cfg.search.cma_options)
         generation = meta.get("generation")
-        if not isinstance(generation, int) or generation < 0 or searcher.es.N != genome.dim:
+        if not isinstance(generation, int) or generation < 0 or searcher.dim != genome.dim:
             raise UserError(f"the checkpoint does not belong to this genome ({genome.dim} genes)",
                             source=storage.file(CHECKPOINT))
         say(f"resuming at generation {generation}: {len(history)} evaluation(s) in the history")
@@ -363,8 +390,11 @@ def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions, evaluator
     unsaved = False  # a new generation is checkpointed once the evaluators are up (a failed start leaves none)
     finished = stop_reason() if population is None else None
     if population is None and finished is None:
-        population = searcher.ask()
+        population = searcher.ask() or None
         unsaved = True
+        if population is None:
+            finished = stop_reason()
+    sub = cfg.evaluation.subsample
 
     ev = cfg.evaluation
     spec = {"evaluation": {**ev.__dict__}, "tasks": [t.__dict__ for t in cfg.tasks], "seed": cfg.seed,
@@ -372,7 +402,8 @@ def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions, evaluator
     ray_spec = WorkerSpec(workers=opts.workers or ev.workers, address=opts.address, cpus=ev.num_cpus)
     summary: dict = {"session": session}
     pool = None
-    work = population is not None or (ev.score_inputs and bool(_input_candidates(cfg, storage, genome)))
+    work = (population is not None or (ev.score_inputs and bool(_input_candidates(cfg, storage, genome)))
+            or bool(_rescore_candidates(cfg, storage, genome, history, None)))
     if not work:
         hint = "raise --max-fevals to continue the search" if finished == "max_fevals" else "stopped: " + finished
         say(f"nothing left to evaluate in {storage.path}: {len(done_by_id)} evaluation(s) done ({hint})")
@@ -404,6 +435,8 @@ def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions, evaluator
                            "error": err, "attempts": c.attempts, "worker": res["worker"] if res else None,
                            "timings": res["timings"] if res else None, "finished_at": time.time(),
                            "eval_number": len(done_by_id) + 1}
+                    if c.subsample is not None:
+                        rec["subsample"] = c.subsample
                     rec["fitness"] = -rec["score"] if res else None
                     storage.append_history(rec)
                     done_by_id[c.id] = rec
@@ -424,8 +457,10 @@ def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions, evaluator
                                                 source=storage.path)
                             continue
                         recipe = genome.to_recipe(x)
-                        cands.append(Candidate(cid, generation, i, x, recipe,
-                                               eval_recipe=genome.for_evaluator(recipe)))
+                        draw = None if sub is None else {"size": sub["size"], "seed": sub["seed"],
+                                                         "round": subsample_round(sub["mode"], generation)}
+                        cands.append(Candidate(cid, generation, i, x, recipe, eval_recipe=genome.for_evaluator(recipe),
+                                               subsample=draw))
                     t_gen = time.time()
                     if cands:
                         pool.run(cands, on_done)
@@ -434,28 +469,33 @@ def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions, evaluator
                     if not ok and best is None:
                         raise UserError(f"every candidate of generation {generation} failed: {recs[0]['error']}",
                                         source=cfg.source)
-                    worst = max([r["fitness"] for r in done_by_id.values() if r["status"] == "ok"])
-                    fitness = [r["fitness"] if r["status"] == "ok" else worst + 1.0 for r in recs]
-                    searcher.tell(population, fitness)
+                    searcher.tell(population, _fitness(strategy, recs, done_by_id, spec["tasks"]))
                     tracker.generation(generation, recs, best["score"])
                     scores = [r["score"] for r in ok]
                     top = max(scores, default=float("nan"))
                     say(f"generation {generation}: {len(ok)}/{len(recs)} ok, best {top:.4f}"
                         f" mean {np.mean(scores) if scores else float('nan'):.4f}; best so far {best['score']:.4f} "
                         f"({best['id']}); {len(done_by_id)}/{max_fevals} evaluations; {time.time() - t_gen:.1f}s")
+                    if strategy == "nsga2":
+                        write_front(storage, list(done_by_id.values()), cfg.tasks)
+                    if sub is not None and generation in rescore_points(generation, sub["rescore_every"]):
+                        _rescore(cfg, storage, pool, genome, list(done_by_id.values()), generation, say)
                     generation += 1
                     reason = stop_reason()
                     if reason is None and max_time_s and time.time() - t_start >= max_time_s:
                         reason = f"max_time ({max_time_s:g} s; --resume continues)"
+                    if reason is None:
+                        population = searcher.ask() or None
+                        reason = stop_reason() if population is None else None
                     if reason is not None:
                         population = None
                         summary["stop_reason"] = reason
-                    else:
-                        population = searcher.ask()
                     checkpoint()
                     if opts.report:  # the live report: refreshed after every generation
                         write_report(storage, genome, cfg, dict(summary, session_s=time.time() - t_start,
                                                                 stop_reason=reason or "running"))
+                if sub is not None:  # the end of the session: the best so far on the full sets
+                    _rescore(cfg, storage, pool, genome, list(done_by_id.values()), None, say)
                 summary["worker_stats"] = pool.stats()
                 summary["workers"] = pool.infos
                 summary["restarts"] = pool.restarts
@@ -474,6 +514,74 @@ def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions, evaluator
         if not opts.quiet:
             print(text)
     return summary
+
+
+def _fitness(strategy: str, recs: list[dict], done_by_id: dict, tasks: list[dict]) -> list:
+    """What the strategy is told (lower is better): CMA-ES the negated combined score, NSGA-II the negated
+    objective vector; a failed candidate gets one more than the worst value seen (per objective)."""
+    ok = [r for r in done_by_id.values() if r["status"] == "ok"]
+    if strategy == "nsga2":
+        worst = np.max([-objectives(r["scores"], tasks) for r in ok], axis=0)
+        return [(-objectives(r["scores"], tasks) if r["status"] == "ok" else worst + 1.0).tolist() for r in recs]
+    worst = max(r["fitness"] for r in ok)
+    return [r["fitness"] if r["status"] == "ok" else worst + 1.0 for r in recs]
+
+
+RESCORED = "rescored.jsonl"
+
+
+def _rescore_candidates(cfg: EvolveConfig, storage: Storage, genome, history: list[dict],
+                        upto: Optional[int]) -> list[Candidate]:
+    """The top candidates (of the generations up to ``upto``; None: all) not yet scored on the full sets."""
+    sub = cfg.evaluation.subsample
+    if sub is None:
+        return []
+    have = {r["id"] for r in storage._read_jsonl(RESCORED)}
+    return [Candidate(f"full:{r['id']}", r["generation"], r["index"], np.asarray(r["genotype"]), r["recipe"],
+                      eval_recipe=genome.for_evaluator(r["recipe"]))
+            for r in top_candidates(history, sub["rescore_top"], upto) if r["id"] not in have]
+
+
+def _rescore(cfg: EvolveConfig, storage: Storage, pool: EvaluatorPool, genome, history: list[dict],
+             upto: Optional[int], say) -> dict:
+    """Score the top candidates on the full sets (those not done yet), then rewrite subsample_agreement.json
+    and best_full_config.yml. Returns the agreement report."""
+    by_id = {r["id"]: r for r in history}
+    tasks = [t.__dict__ for t in cfg.tasks]
+
+    def on_done(c: Candidate, res: Optional[dict], err: Optional[str]) -> None:
+        r = by_id[c.id[len("full:"):]]
+        rec = {"id": r["id"], "generation": r["generation"], "status": "ok" if res else "failed",
+               "scores": res["scores"] if res else None,
+               "score": combined_score(res["scores"], tasks) if res else None,
+               "cheap_scores": r["scores"], "cheap_score": r["score"], "subsample": r.get("subsample"),
+               "error": err, "finished_at": time.time()}
+        storage._append_jsonl(RESCORED, rec)
+
+    cands = _rescore_candidates(cfg, storage, genome, history, upto)
+    if cands:
+        say(f"re-scoring {len(cands)} candidate(s) on the full sets")
+        pool.run(cands, on_done)
+    return write_agreement(cfg, storage, history)
+
+
+def write_agreement(cfg: EvolveConfig, storage: Storage, history: list[dict]) -> dict:
+    """subsample_agreement.json from the history and rescored.jsonl; best_full_config.yml: the re-scored
+    candidate with the best full-set combined score."""
+    rescored = {r["id"]: r for r in storage._read_jsonl(RESCORED)}
+    last = max((r["generation"] for r in history if r.get("generation", -1) >= 0), default=-1)
+    report = agreement_report(history, rescored, cfg.evaluation.subsample, last)
+    storage.write_atomic("subsample_agreement.json", json.dumps(report, indent=1))
+    ok = sorted((r for r in rescored.values() if r["status"] == "ok"), key=lambda r: (-r["score"], r["id"]))
+    if ok:
+        best = ok[0]
+        recipe = next(r["recipe"] for r in history if r["id"] == best["id"])
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in best["scores"].items())
+        header = (f"# ray-merge evolve: the best of {len(ok)} candidate(s) re-scored on the full sets: candidate "
+                  f"{best['id']}, score {best['score']:.6g} ({scores}; on the subsample: "
+                  f"{best['cheap_score']:.6g})\n# run it with: ray-merge run best_full_config.yml OUTPUT_DIR\n")
+        storage.write_atomic("best_full_config.yml", header + yaml.safe_dump(recipe, sort_keys=False))
+    return report
 
 
 def _input_candidates(cfg: EvolveConfig, storage: Storage, genome=None) -> list[Candidate]:

@@ -112,7 +112,7 @@ class Storage:
     # -- history ----------------------------------------------------------------------------------------
     def _repair_history(self) -> None:
         """Drop a last line cut short by a kill, so that appends start on a fresh line."""
-        for name in ("history.jsonl", "inputs.jsonl"):
+        for name in ("history.jsonl", "inputs.jsonl", "rescored.jsonl"):
             path = self.file(name)
             if not os.path.exists(path):
                 continue

@@ -48,8 +48,9 @@ class HFBackend:
         if self.allowed_missing and hasattr(self.model, "tie_weights"):
             self.model.tie_weights()
 
-    def score(self) -> dict[str, float]:
-        return run_lm_eval(self.lm, self.tasks, self.ev, self.tm)
+    def score(self, subsample=None) -> dict[str, float]:
+        """``subsample``: the draw of examples to score on (evolve.subsample); None: the full sets."""
+        return run_lm_eval(self.lm, self.tasks, self.ev, self.tm, subsample)
 
     def close(self) -> None:
         pass

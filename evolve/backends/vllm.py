@@ -309,8 +309,9 @@ class VLLMBackend:
             except OSError:
                 pass
 
-    def score(self) -> dict[str, float]:
-        return run_lm_eval(self.lm, self.tasks, self.ev, self.tm)
+    def score(self, subsample=None) -> dict[str, float]:
+        """``subsample``: the draw of examples to score on (evolve.subsample); None: the full sets."""
+        return run_lm_eval(self.lm, self.tasks, self.ev, self.tm, subsample)
 
     def close(self) -> None:
         self.worker.close()
