@@ -69,6 +69,9 @@ UNEVEN = {
     "mamba2": dict(num_heads=8, head_dim=8),
     "falcon_h1": dict(mamba_d_ssm=64),
     "gemma4_text": dict(layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"]),
+    # KV sharing counts layers from the end (a scalar no stack keeps): none here; two AltUp streams
+    "gemma3n_text": dict(num_kv_shared_layers=0, activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0], laurel_rank=4,
+                         altup_num_inputs=2),
 }
 
 TYPES = [
@@ -84,7 +87,7 @@ TYPES = [
     "qwen3_next", "qwen3_5_text", "minimax", "lfm2", "jamba", "bamba", "granitemoehybrid", "falcon_h1",
     "mamba", "mamba2", "falcon_mamba",
     # multimodal families' text decoders
-    "gemma4_text", "qwen3_5_moe_text",
+    "gemma4_text", "gemma3n_text", "qwen3_5_moe_text",
 ]
 
 RESULTS: dict[str, dict[str, str]] = {}
@@ -244,7 +247,32 @@ def _stacked_reference(a_path, b_path):
                 continue
             if name in sb and not (name.endswith("lm_head.weight") and ref.config.get_text_config().tie_word_embeddings):
                 t.copy_(sb[name])
+    width = getattr(ref.config.get_text_config(), "hidden_size_per_layer_input", None)
+    if width:
+        _restack_packed(ref, ma, mb, width, prefix)
     return ref
+
+
+def _restack_packed(ref, ma, mb, width: int, prefix: str) -> None:
+    """Gemma 3n / 4's per-layer input embedding and projection outside the layers hold one block per layer
+    (the embedding's columns, the projection's output rows): the blocks of layers [0,3) of a then [1,4) of b."""
+    mods_a, mods_b = dict(ma.named_modules()), dict(mb.named_modules())
+    found = 0
+    for name, mod in ref.named_modules():
+        if "per_layer" not in name or f"{name}.".startswith(prefix):
+            continue
+        if isinstance(mod, torch.nn.Embedding):
+            dim = 1
+        elif isinstance(mod, torch.nn.Linear) and mod.out_features == L * width:
+            dim = 0
+        else:
+            continue
+        wa, wb = mods_a[name].weight.detach(), mods_b[name].weight.detach()
+        blocks = [wa.narrow(dim, i * width, width) for i in range(0, 3)] + \
+            [wb.narrow(dim, i * width, width) for i in range(1, 4)]
+        mod.weight = torch.nn.Parameter(torch.cat(blocks, dim), requires_grad=False)
+        found += 1
+    assert found == 2, "expected the per-layer embedding and projection"
 
 
 def _renumbered_reference(a_path, b_path, config_path):
@@ -326,10 +354,7 @@ def test_frankenmerge_stack(model_type, arch_root, tmp_path):
 
 
 # Types whose frankenmerge ray-merge refuses (with this text in the error), and why.
-CANNOT_STACK: dict[str, str] = {
-    # the per-layer input embeddings hold one column block per layer: restacking them is not implemented
-    "gemma4_text": "packs one block per layer",
-}
+CANNOT_STACK: dict[str, str] = {}
 # Types whose layers compute with their own position (DiffLlama's lambda_init from layer_idx): a stacked
 # layer behaves as its new position says, so the reference is the output config with the source layers'
 # weights under their new numbers, not the source modules.

@@ -251,3 +251,69 @@ def test_unknown_hub_model_is_one_line(repos, tmp_path):
     assert res.returncode == 2, res.stderr
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "org/nowhere" in lines[0], res.stderr
+
+
+def _bin_repo(root, name: str, seed: int, *, shards: int = 1, legacy: bool = False) -> str:
+    """A llama whose weights are PyTorch .bin files only (``shards`` of them, with an index when several)."""
+    d = save_model(build_model("llama", seed=seed, hidden=128, layers=2, intermediate=512, dtype=torch.float32),
+                   str(root / name))
+    tensors = load_file(os.path.join(d, "model.safetensors"))
+    os.remove(os.path.join(d, "model.safetensors"))
+    names = sorted(tensors)
+    kw = {"_use_new_zipfile_serialization": False} if legacy else {}
+    if shards == 1:
+        torch.save(tensors, os.path.join(d, "pytorch_model.bin"), **kw)
+        return d
+    weight_map = {}
+    for k in range(shards):
+        file = f"pytorch_model-{k + 1:05d}-of-{shards:05d}.bin"
+        part = {n: tensors[n] for n in names[k::shards]}
+        torch.save(part, os.path.join(d, file), **kw)
+        weight_map.update({n: file for n in part})
+    with open(os.path.join(d, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    return d
+
+
+def test_bin_weights_are_planned_from_their_metadata(repos, tmp_path):
+    """A .bin-only repository is planned from each file's zip directory and pickle (byte ranges), not
+    downloaded; `run` then downloads it and merges as from a local copy."""
+    bins = {"org/bin": _bin_repo(tmp_path, "bin", 4, shards=2), "org/bin1": _bin_repo(tmp_path, "bin1", 5)}
+    with Hub({**repos, **bins}) as hub:
+        recipe = write_recipe(tmp_path / "hub.yml", LINEAR, A="org/bin", B="org/bin1")
+        res = _cli(hub, tmp_path, "plan", recipe)
+        assert res.returncode == 0, res.stderr
+        assert "downloads" not in res.stderr
+        bin_gets = [(repo, f, r) for method, repo, f, r in hub.log if method == "GET" and f.endswith(".bin")]
+        assert {(repo, f) for repo, f, _ in bin_gets} == {
+            (r, f) for r in bins for f in hub.files(r) if f.endswith(".bin")}
+        for repo, file in {(repo, f) for repo, f, _ in bin_gets}:
+            ranges = [r for rp, f, r in bin_gets if (rp, f) == (repo, file)]
+            assert None not in ranges, f"{repo}/{file} downloaded whole"
+            size = os.path.getsize(os.path.join(bins[repo], file))
+            assert sum(b - a for a, b in ranges) < size * 0.6, (repo, file, ranges, size)
+
+        res = _cli(hub, tmp_path, "run", recipe, tmp_path / "out")
+        assert res.returncode == 0, res.stderr
+    local = write_recipe(tmp_path / "local.yml", LINEAR, A=bins["org/bin"], B=bins["org/bin1"])
+    subprocess.run([sys.executable, "-m", "ray_merge.cli", "run", local, str(tmp_path / "ref")], check=True,
+                   capture_output=True)
+    got, want = load_dir(tmp_path / "out"), load_dir(tmp_path / "ref")
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_legacy_bin_weights_are_downloaded_after_a_notice(repos, tmp_path):
+    legacy = _bin_repo(tmp_path, "legacy", 6, legacy=True)
+    size = os.path.getsize(os.path.join(legacy, "pytorch_model.bin"))
+    with Hub({**repos, "org/legacy": legacy, "org/zip": _bin_repo(tmp_path, "zip", 7)}) as hub:
+        recipe = write_recipe(tmp_path / "hub.yml", LINEAR, A="org/legacy", B="org/zip")
+        res = _cli(hub, tmp_path, "plan", recipe)
+        assert res.returncode == 0, res.stderr
+        assert f"model org/legacy: planning downloads its PyTorch .bin weights (1 file(s), {size / 2**20:.2f} MiB)" \
+            in res.stderr, res.stderr
+        assert "org/zip" not in res.stderr
+        gets = [(repo, r) for method, repo, f, r in hub.log if method == "GET" and f == "pytorch_model.bin"]
+        assert ("org/legacy", None) in gets  # downloaded whole
+        assert gets and all(r is not None for repo, r in gets if repo == "org/zip")  # its metadata only

@@ -84,7 +84,8 @@ def test_modules_found(vl):
     assert (vision.layout.prefix, vision.layout.num_layers, vision.count_key) == ("visual.blocks", 2,
                                                                                   "vision_config.depth")
     assert vision.layout.pre == ("visual.patch_embed.proj.weight",)
-    assert proj.layout.num_layers == 0 and all(n.startswith("visual.merger.") for n in proj.layout.post)
+    assert proj.layout.num_layers == 0 and not proj.layout.post
+    assert proj.layout.pre and all(n.startswith("visual.merger.") for n in proj.layout.pre)
     assert set(text.layout.pre + text.layout.post) == {"model.embed_tokens.weight", "model.norm.weight",
                                                        "lm_head.weight"}
     counted = sum(len(m.layout.pre) + len(m.layout.post) + sum(len(m.layout.suffixes(i))
@@ -241,3 +242,140 @@ def test_bad_modules_input(vl, tmp_path, modules, key):
 def test_modules_and_models_together_refused():
     with pytest.raises(UserError, match="exactly one of 'models', 'slices' or 'modules'"):
         recipe_from_dict({"merge_method": "linear", "models": ["a"], "modules": {"text_decoder": {"models": ["a"]}}})
+
+
+# --- Gemma 3 (SigLIP vision tower, a projector with no layers, per-layer fields under text_config) -------------
+
+G3_TEXT = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+               num_hidden_layers=4, vocab_size=300, max_position_embeddings=128, sliding_window=4,
+               layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"])
+G3_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
+                 patch_size=14, vision_use_head=False)
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    """Two tiny Gemma 3 image-text models under the hub's tensor names (``language_model.model.layers.N``,
+    ``vision_tower.vision_model.encoder.layers.N``, ``multi_modal_projector.*``), as mergekit knows them."""
+    root = tmp_path_factory.mktemp("gemma3")
+    cfg = AutoConfig.for_model("gemma3", text_config=G3_TEXT, vision_config=G3_VISION, mm_tokens_per_image=4,
+                               image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32)
+        path = root / f"g{seed}"
+        model.save_pretrained(path, safe_serialization=True)
+        tensors = {}
+        for f in [f for f in os.listdir(path) if f.endswith(".safetensors")]:
+            tensors.update(load_file(path / f))
+            os.remove(path / f)
+        gen = torch.Generator().manual_seed(seed)
+        tensors = {("vision_tower.vision_model." + k.removeprefix("vision_tower.") if k.startswith("vision_tower.")
+                    else k): v + torch.randn(v.shape, generator=gen) * 0.05 for k, v in tensors.items()}
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+        paths.append(path)
+    return paths
+
+
+G3_RECIPE = {
+    "merge_method": "linear",
+    "parameters": {"weight": 1.0},
+    "dtype": "float32",
+    "modules": {
+        "text_decoder": {"slices": [{"sources": [{"model": "A", "layer_range": [0, 3]}]},
+                                    {"sources": [{"model": "B", "layer_range": [1, 4]}]}]},
+        "vision_tower": {"models": [{"model": "A", "parameters": {"weight": 0.25}},
+                                    {"model": "B", "parameters": {"weight": 0.75}}]},
+        "multi_modal_projector": {"models": [{"model": "A", "parameters": {"weight": 0.3}},
+                                             {"model": "B", "parameters": {"weight": 0.7}}]},
+    },
+}
+
+
+def test_gemma3_modules_same_as_mergekit(gemma3, tmp_path):
+    """A text frankenmerge, a merged vision tower and a merged projector (a module with no layers), against
+    mergekit's gemma3vl definition; our config also has text_config.layer_types stacked, and loads."""
+    recipe = _recipe(gemma3, G3_RECIPE)
+    modules = infer_modules(sorted(load_dir(gemma3[0])), json.load(open(gemma3[0] / "config.json")),
+                            infer_layout(sorted(load_dir(gemma3[0])), json.load(open(gemma3[0] / "config.json")), "a"))
+    assert modules["multi_modal_projector"].layout.num_layers == 0
+    assert modules["vision_tower"].count_key == "vision_config.num_hidden_layers"
+    recipe_path = tmp_path / "recipe.yml"
+    recipe_path.write_text(json.dumps(recipe))
+    proc = subprocess.run([os.path.join(mergekit_venv(), "bin", "mergekit-yaml"), str(recipe_path),
+                           str(tmp_path / "mk"), "--no-lazy-unpickle"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _merge(recipe, tmp_path / "ours")
+    mk, ours, a, b = load_dir(tmp_path / "mk"), load_dir(tmp_path / "ours"), load_dir(gemma3[0]), load_dir(gemma3[1])
+    assert set(mk) == set(ours)
+    for name in mk:
+        torch.testing.assert_close(ours[name], mk[name], msg=name)
+    proj = "multi_modal_projector.mm_input_projection_weight"
+    torch.testing.assert_close(ours[proj], 0.3 * a[proj] + 0.7 * b[proj])  # merged, not copied
+    cfg = json.load(open(tmp_path / "ours" / "config.json"))
+    mk_cfg = json.load(open(tmp_path / "mk" / "config.json"))
+    assert cfg["text_config"]["num_hidden_layers"] == mk_cfg["text_config"]["num_hidden_layers"] == 6
+    s, f = "sliding_attention", "full_attention"
+    assert cfg["text_config"]["layer_types"] == [s, f, s, f, s, s]  # layers 0-2 of A, then 1-3 of B
+    assert cfg["vision_config"]["num_hidden_layers"] == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, info = AutoModelForImageTextToText.from_pretrained(tmp_path / "ours", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert [layer.self_attn.layer_type for layer in model.model.language_model.layers] == [s, f, s, f, s, s]
+
+
+@pytest.mark.parametrize("form", ["one_slice", "two_slices"])
+def test_slices_of_a_module_without_layers(gemma3, tmp_path, form):
+    """A projector (no layers) given as slices: its tensors come from the first slice's sources, as in
+    mergekit (which writes `layer_range: [0, 0]` for it); the same as its `models:` form."""
+    a_src = {"model": "A", "parameters": {"weight": 0.3}}
+    b_src = {"model": "B", "parameters": {"weight": 0.7}}
+    if form == "one_slice":
+        slices = [{"sources": [{**a_src, "layer_range": [0, 0]}, {**b_src, "layer_range": [0, 0]}]}]
+    else:
+        slices = [{"sources": [{**a_src, "layer_range": [0, 0]}, {**b_src, "layer_range": [0, 0]}]},
+                  {"sources": [{"model": "B", "layer_range": [0, 0]}]}]
+    recipe = {"merge_method": "linear", "dtype": "float32",
+              "modules": {"multi_modal_projector": {"slices": slices}}}
+    _merge(_recipe(gemma3, recipe), tmp_path / "out")
+    a, b, out = load_dir(gemma3[0]), load_dir(gemma3[1]), load_dir(tmp_path / "out")
+    assert set(out) == set(a)
+    for name in a:
+        if name.startswith("multi_modal_projector."):
+            torch.testing.assert_close(out[name], 0.3 * a[name] + 0.7 * b[name], msg=name)
+        else:
+            assert torch.equal(out[name], a[name]), name  # modules not listed: the first model's
+    bad = {"merge_method": "linear", "modules": {"multi_modal_projector": {"slices": [
+        {"sources": [{"model": "A", "layer_range": [0, 1]}]}]}}}
+    with pytest.raises(UserError, match=r"\[0, 1\] is out of range: module multi_modal_projector of .* has 0 layers"):
+        _merge(_recipe(gemma3, bad), tmp_path / "bad")
+    empty = {"merge_method": "linear", "modules": {"text_decoder": {"slices": [
+        {"sources": [{"model": "A", "layer_range": [2, 2]}]}]}}}
+    with pytest.raises(UserError, match=r"\[2, 2\] is empty: module text_decoder of .* has 4 layers"):
+        _merge(_recipe(gemma3, empty), tmp_path / "bad")
+    with pytest.raises(UserError, match=r"slices\[0\].sources\[0\].layer_range: \[0, 0\] is empty"):
+        recipe_from_dict({"merge_method": "linear", "slices": [{"sources": [{"model": "x", "layer_range": [0, 0]}]}]})
+
+
+def test_flat_config_text_fields_follow_the_layers():
+    """A flat config (the text layer count at the top level, repeated in text_config): the per-layer lists
+    under text_config are stacked too."""
+    from ray_merge.planner.layer_config import layer_values, stack_layer_fields
+
+    s, f = "sliding_attention", "full_attention"
+    cfg = {"model_type": "gemma3", "num_hidden_layers": 4,
+           "text_config": {"model_type": "gemma3_text", "num_hidden_layers": 4, "layer_types": [s, f, s, s]},
+           "vision_config": {"model_type": "siglip_vision_model", "num_hidden_layers": 2}}
+    values = layer_values(cfg)
+    assert values["text_config.layer_types"] == [s, f, s, s]
+    out = stack_layer_fields(cfg, values, [(values, 0), (values, 1), (values, 1), (values, 3)], list("wxyz"))
+    assert out["num_hidden_layers"] == out["text_config"]["num_hidden_layers"] == 4
+    assert out["text_config"]["layer_types"] == [s, f, f, s]
+    assert out["vision_config"] == cfg["vision_config"]
+    out = stack_layer_fields(cfg, values, [(values, 1), (values, 2)], ["x", "y"])
+    assert out["num_hidden_layers"] == out["text_config"]["num_hidden_layers"] == 2
+    assert out["text_config"]["layer_types"] == [f, s]

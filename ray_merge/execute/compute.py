@@ -1,6 +1,7 @@
 """Merging one planned tensor from its input tensors: the method call, dtypes, devices, blocks."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import Optional
 
@@ -25,6 +26,8 @@ BLOCK_ELEMENTS = 1 << 17
 def compute_tensor(pt: PlannedTensor, inputs: list[torch.Tensor], seed: Optional[int],
                    device: str = "cpu") -> torch.Tensor:
     """Merge one output tensor from its (already read) inputs."""
+    if pt.packed is not None:
+        return _compute_packed(pt, inputs, seed, device)
     method = get_method(pt.method, internal=True)
     dtype = getattr(torch, pt.compute_dtype) if pt.compute_dtype else None
     out_dtype = getattr(torch, pt.out_dtype)
@@ -52,3 +55,24 @@ def compute_tensor(pt: PlannedTensor, inputs: list[torch.Tensor], seed: Optional
             block(start)
         return out
     return merge(inputs).to(device="cpu", dtype=out_dtype)
+
+
+def _compute_packed(pt: PlannedTensor, inputs: list[torch.Tensor], seed: Optional[int], device: str) -> torch.Tensor:
+    """A tensor packing one block per layer, merged block by block: each output block from its source blocks,
+    with its own layer's parameters. ``inputs``: the whole inputs, or the same rows of each when the blocks
+    are columns (a row chunk)."""
+    pk = pt.packed
+    w = pk.width
+    shape = list(pt.shape)
+    if pk.dim != 0:
+        shape[0] = inputs[0].shape[0]
+    out = torch.empty(shape, dtype=getattr(torch, pt.out_dtype))
+    for j, block in enumerate(pk.blocks):
+        parts = [inputs[k].narrow(pk.dim, b * w, w).contiguous() for k, b in zip(block.inputs, block.blocks)]
+        sub = dataclasses.replace(
+            pt, name=f"{pt.name}[block {j}]", shape=tuple(parts[0].shape), packed=None,
+            inputs=[pt.inputs[k] for k in block.inputs], base_index=block.base_index, params=block.params,
+            model_params=list(block.model_params))
+        out.narrow(pk.dim, j * w, w).copy_(compute_tensor(sub, parts, seed, device))
+        del parts
+    return out

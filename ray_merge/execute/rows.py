@@ -18,8 +18,13 @@ Chunk = tuple[int, list[torch.Tensor]]  # (first output row, every input's rows)
 
 
 def tensor_rows(pt: PlannedTensor, loader: TensorLoader) -> "InputRows":
-    """How the inputs of ``pt`` are read: as they are, or remapped to the output vocabulary."""
-    return RemappedRows(pt, loader) if pt.row_remap is not None else InputRows(pt, loader)
+    """How the inputs of ``pt`` are read: as they are, remapped to the output vocabulary, or (a tensor packing
+    its blocks as rows) only the blocks it takes."""
+    if pt.row_remap is not None:
+        return RemappedRows(pt, loader)
+    if pt.packed is not None and pt.packed.dim == 0:
+        return PackedRows(pt, loader)
+    return InputRows(pt, loader)
 
 
 class InputRows:
@@ -38,6 +43,35 @@ class InputRows:
         for start in range(0, n, rows):
             stop = min(start + rows, n)
             yield start, [self.loader.load_rows(i, start, stop) for i in self.pt.inputs]
+
+
+class PackedRows(InputRows):
+    """The inputs of a tensor packing one block of rows per layer: of each input, only the blocks the output
+    takes are read (runs of adjacent blocks in one read); the rest of its rows are left unset, and unused."""
+
+    def whole(self, memory_budget: Optional[int] = None) -> list[torch.Tensor]:
+        pk = self.pt.packed
+        wanted: list[set[int]] = [set() for _ in self.pt.inputs]
+        for block in pk.blocks:
+            for k, b in zip(block.inputs, block.blocks):
+                wanted[k].add(b)
+        out = []
+        for inp, blocks in zip(self.pt.inputs, wanted):
+            t = torch.empty(inp.shape, dtype=getattr(torch, inp.dtype))
+            order = sorted(blocks)
+            start = 0
+            while start < len(order):
+                end = start + 1
+                while end < len(order) and order[end] == order[end - 1] + 1:
+                    end += 1
+                lo, hi = order[start] * pk.width, (order[end - 1] + 1) * pk.width
+                t[lo:hi] = self.loader.load_rows(inp, lo, hi)
+                start = end
+            out.append(t)
+        return out
+
+    def chunks(self, rows: int) -> Iterator[Chunk]:
+        yield 0, self.whole()  # never row-chunked (planner.memory): the blocks are rows
 
 
 class RemappedRows(InputRows):

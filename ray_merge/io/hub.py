@@ -1,10 +1,12 @@
 """Reading parts of a hub repository's files over HTTP, without downloading them.
 
-Planning a hub model needs only its safetensors headers: they are read with byte range requests to the
-file's hub URL (huggingface_hub's endpoint, headers and session, so ``HF_ENDPOINT`` and tokens apply).
+Planning a hub model needs only its safetensors headers (or, for PyTorch .bin weights, the zip directory and
+pickle of each file): they are read with byte range requests to the file's hub URL (huggingface_hub's
+endpoint, headers and session, so ``HF_ENDPOINT`` and tokens apply).
 """
 from __future__ import annotations
 
+import io
 import os
 from typing import Optional
 
@@ -34,6 +36,58 @@ def read_range(url: str, start: int, stop: int) -> tuple[bytes, int]:
     if len(data) != max(0, min(stop, size) - start):
         raise OSError(f"asked for bytes [{start}, {stop}) of a {size}-byte file, got {len(data)} bytes")
     return data, size
+
+
+class RangeFile(io.RawIOBase):
+    """A hub file, readable and seekable, read through byte range requests a block at a time (each block
+    fetched once). torch.load reads a zip-format PyTorch .bin file's directory and pickle this way, not its
+    tensor data; past ``limit`` fetched bytes a read fails (OSError) rather than download the file."""
+
+    def __init__(self, url: str, block: int = 256 * 1024, limit: int = 64 * 2**20):
+        super().__init__()
+        self.url, self.block, self.limit = url, block, limit
+        first, self.size = read_range(url, 0, block)
+        self._blocks = {0: first}
+        self.fetched = len(first)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self.size - self._pos))
+        done = 0
+        while done < n:
+            k, at = divmod(self._pos + done, self.block)
+            data = self._block(k)
+            take = min(n - done, len(data) - at)
+            view[done:done + take] = data[at:at + take]
+            done += take
+        self._pos += n
+        return n
+
+    def _block(self, k: int) -> bytes:
+        data = self._blocks.get(k)
+        if data is None:
+            start = k * self.block
+            if self.fetched + self.block > self.limit:
+                raise OSError(f"reading more than {self.limit} bytes of the file's metadata")
+            data, _ = read_range(self.url, start, min(start + self.block, self.size))
+            self._blocks[k] = data
+            self.fetched += len(data)
+        return data
 
 
 def _range_total(content_range: Optional[str]) -> Optional[int]:

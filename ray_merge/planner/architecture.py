@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ray_merge.errors import UserError
+from ray_merge.recipe.schema import OutputSlice
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
@@ -31,10 +32,38 @@ def is_pre(name: str) -> bool:
     return any(h in name for h in _PRE_HINTS) and not any(h in name for h in _POST_HINTS)
 
 
-def packed_per_layer(name: str, shape: tuple[int, ...], num_layers: int) -> bool:
-    """A tensor outside the layers that packs one block per layer (Gemma 3n / Gemma 4's per-layer input
-    embeddings and projection: a dimension of num_layers x the per-layer width). Told by its name."""
-    return "per_layer" in name and num_layers > 1 and any(d % num_layers == 0 and d > num_layers for d in shape)
+PER_LAYER_WIDTH_KEYS = ("hidden_size_per_layer_input",)  # config keys giving the width of one packed block
+
+
+def packed_dim(name: str, shape: tuple[int, ...], num_layers: int, config: dict) -> Optional[int]:
+    """The dimension of a tensor outside the layers that packs one block per layer (Gemma 3n / Gemma 4's
+    per-layer input embeddings [vocab, layers x width] and projection [layers x width, hidden]), or None.
+
+    Told by its name (``per_layer``) and the config's per-layer width when it has one (else a dimension
+    divisible by the layer count). When two dimensions fit, an embedding packs its columns (its rows are
+    tokens) and a linear weight its rows (its output features)."""
+    if "per_layer" not in name or num_layers < 2:
+        return None
+    width = _config_int(config, PER_LAYER_WIDTH_KEYS)
+    if width is not None:
+        dims = [k for k, d in enumerate(shape) if d == width * num_layers]
+    else:
+        dims = [k for k, d in enumerate(shape) if d % num_layers == 0 and d > num_layers]
+    if not dims:
+        return None
+    if len(dims) == 1:
+        return dims[0]
+    return dims[-1] if is_pre(name) else dims[0]
+
+
+def _config_int(config: dict, keys: tuple[str, ...]) -> Optional[int]:
+    for node in (config, config.get("text_config")):
+        if isinstance(node, dict):
+            for key in keys:
+                v = node.get(key)
+                if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                    return v
+    return None
 
 
 def layer_count_key(config: dict) -> Optional[str]:
@@ -126,3 +155,13 @@ def infer_layout(names: list[str], config: dict, label: str) -> Layout:
         (pre if is_pre(n) else post).append(n)
     layers = tuple(tuple(d) for d in per_layer)
     return Layout(prefix, num_layers, layers[0] if layers else (), tuple(pre), tuple(post), layers)
+
+
+def output_layers(slices: list[OutputSlice]) -> list[tuple[OutputSlice, int, float]]:
+    """Each output layer of ``slices``: its slice, its offset in the slice and its t (for gradients)."""
+    out = []
+    for sl in slices:
+        start, end = sl.sources[0].layer_range
+        n = end - start
+        out.extend((sl, offset, offset / (n - 1) if n > 1 else 1.0) for offset in range(n))
+    return out

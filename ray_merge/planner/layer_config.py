@@ -94,6 +94,20 @@ def layer_node(config: dict) -> tuple[dict, Optional[str]]:
     return config, None
 
 
+_TEXT = "text_config."
+
+
+def _nested_text(config: dict, node: dict, count_key: Optional[str]) -> Optional[tuple[dict, str]]:
+    """A flat config (the layer count at the top level, as older multimodal configs write it) whose
+    ``text_config`` repeats that count: the text node and its count key, whose per-layer fields follow the
+    layers too (``text_config.layer_types``)."""
+    text = config.get("text_config")
+    if node is not config or count_key is None or not isinstance(text, dict):
+        return None
+    key = next((k for k in LAYER_COUNT_KEYS if text.get(k) == node[count_key]), None)
+    return (text, key) if key else None
+
+
 def _is_index_list(key: str, value, n: int) -> bool:
     return (isinstance(value, list) and bool(_INDEX_KEY.search(key))
             and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n for v in value)
@@ -126,12 +140,23 @@ def _derived(config: dict) -> dict:
 
 
 def layer_values(config: dict) -> dict[str, list]:
-    """Every per-layer field of ``config``: field -> one value per layer."""
+    """Every per-layer field of ``config``: field -> one value per layer (``text_config.``-prefixed: those of a
+    flat config's text_config, which repeats the layer count)."""
     node, count_key = layer_node(config)
     if count_key is None:
         return {}
-    n = node[count_key]
     derived = _derived(config)
+    out = _node_values(node, node[count_key], derived)
+    nested = _nested_text(config, node, count_key)
+    if nested is not None:
+        text_values = _node_values(nested[0], node[count_key], derived.get("text_config") or {})
+        out.update({_TEXT + k: v for k, v in text_values.items()})
+    return out
+
+
+def _node_values(node: dict, n: int, derived: dict) -> dict[str, list]:
+    """The per-layer fields of one config node of ``n`` layers (``derived``: the node as its config class
+    fills it in)."""
     fields = dict(node)
     for key, value in derived.items():  # lists the config class derives where config.json has none
         if fields.get(key) is None and isinstance(value, (list, dict)):
@@ -168,7 +193,10 @@ def stack_layer_fields(donor: dict, donor_values: dict[str, list], stack: list[t
     node, count_key = layer_node(out)
     if count_key is None:
         return out
+    nested = _nested_text(out, node, count_key)
     node[count_key] = len(stack)
+    if nested is not None:
+        nested[0][nested[1]] = len(stack)
     for key in donor_values:
         if key.endswith("#width"):
             continue
@@ -178,7 +206,11 @@ def stack_layer_fields(donor: dict, donor_values: dict[str, list], stack: list[t
                 raise UserError(f"config field {key.lstrip('#')} of the output model is not in the config of "
                                 f"{labels[j]}; its value for that layer is unknown")
             stacked.append(values[key][i])
-        _write(node, key, stacked, donor_values, labels)
+        if key.startswith(_TEXT) and nested is not None:
+            sub = {k[len(_TEXT):]: v for k, v in donor_values.items() if k.startswith(_TEXT)}
+            _write(nested[0], key[len(_TEXT):], stacked, sub, labels)
+        else:
+            _write(node, key, stacked, donor_values, labels)
     return out
 
 

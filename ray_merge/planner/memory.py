@@ -24,6 +24,8 @@ def row_splittable(pt: PlannedTensor) -> bool:
     """Whether ``pt`` may be merged in row chunks with identical results."""
     if len(pt.shape) < 1 or pt.shape[0] < 2:
         return False
+    if pt.packed is not None and pt.packed.dim == 0:  # its rows are blocks of different layers
+        return False
     method = get_method(pt.method, internal=True)
     # randomised methods draw per tensor: chunks would draw different numbers
     return method.row_splittable and not method.randomized

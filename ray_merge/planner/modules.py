@@ -12,7 +12,8 @@ Modules are found generically, from tensor names and config.json, and named as m
 - a module's **root** is its stack's path up to the part naming it (``visual``, ``vision_tower``,
   ``model.encoder``): the tensors under it outside the stack are the module's (patch embeddings, norms);
 - tensors named like a projector (``multi_modal_projector``, ``merger``, ``mm_projector``, ``connector``) are
-  ``multi_modal_projector`` (no layers);
+  ``multi_modal_projector`` (no layers: given as slices, with ``layer_range: [0, 0]``, its tensors come from
+  the first slice, as mergekit's pre-layer weights do);
 - everything else (embeddings, final norm, lm_head) belongs to the text decoder (or the decoder).
 
 Modules the recipe does not list are copied from the base model (or the first model): never dropped.
@@ -33,6 +34,7 @@ from ray_merge.planner.architecture import (
     get_config_value,
     is_pre,
     layer_count_key,
+    output_layers,
     set_config_value,
 )
 from ray_merge.planner.layer_config import check_same_layers, layer_node, layer_values, stack_layer_fields
@@ -87,6 +89,8 @@ def infer_modules(names: list[str], config: dict, text: Layout) -> dict[str, Mod
         prefix, _, key = stacks.get(module, (None, None, None))
         layers = tuple(tuple(d) for d in per_layer.get(module, []))
         pre = tuple(n for n in non_layer if is_pre(n) or any(h in n for h in _PRE_EXTRA))
+        if not layers:  # a module without layers (a projector): all from the first slice, as mergekit's pre weights
+            pre = tuple(non_layer)
         post = tuple(n for n in non_layer if n not in pre)
         layout = Layout(prefix, len(layers), layers[0] if layers else (), pre, post, layers)
         out[module] = Module(module, layout, key)
@@ -210,6 +214,10 @@ def _normalized(planner, name: str, out: OutputModule, modules_of) -> list[Outpu
             elif src.layer_range[1] > n:
                 raise UserError(f"{list(src.layer_range)} is out of range: module {name} of {src.model} has "
                                 f"{n} layers", source=recipe.source, key=key)
+            elif src.layer_range[0] == src.layer_range[1] and n > 0:
+                raise UserError(f"{list(src.layer_range)} is empty: module {name} of {src.model} has {n} layers "
+                                "(an empty range is for a module without layers, such as a projector)",
+                                source=recipe.source, key=key)
         lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
         if out.from_models and len(lengths) > 1:
             raise UserError(f"models have different layer counts {sorted(lengths)} in module {name}",
@@ -228,9 +236,10 @@ def _plan_module(planner, module: Module, out: OutputModule, slices: list[Output
     return where each output layer comes from: (model, layer)."""
     name, params = module.name, out.parameters
     first, last = slices[0], slices[-1]
-    for tensor in module.layout.pre:
-        pt = planner._plan_tensor(tensor, [(s.model, tensor) for s in first.sources], first, t=0.0,
-                                  module_params=params)
+    layers = output_layers(slices)
+    count = lambda ref: modules_of(ref)[name].layout.num_layers  # noqa: E731
+    for tensor in module.layout.pre:  # a tensor packing one block per layer is restacked with the layers
+        pt = planner._plan_outside(tensor, first, layers, count, module_params=params)
         if pt:
             tensors.append(pt)
     stack = []
@@ -250,8 +259,7 @@ def _plan_module(planner, module: Module, out: OutputModule, slices: list[Output
                     tensors.append(pt)
             stack.append((sl.sources[0].model, start0 + offset))
     for tensor in module.layout.post:
-        pt = planner._plan_tensor(tensor, [(s.model, tensor) for s in last.sources], last, t=0.0,
-                                  module_params=params)
+        pt = planner._plan_outside(tensor, last, layers, count, module_params=params)
         if pt:
             tensors.append(pt)
     return stack

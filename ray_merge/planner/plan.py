@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -31,7 +32,8 @@ from ray_merge.options import DEFAULT_SHARD_BYTES
 from ray_merge.planner.architecture import (
     Layout,
     infer_layout,
-    packed_per_layer,
+    output_layers,
+    packed_dim,
 )
 from ray_merge.planner.layer_config import check_same_layers, layer_values, stack_layer_fields
 from ray_merge.planner.modules import plan_modules
@@ -68,6 +70,29 @@ class TensorInput:
 
 
 @dataclass(frozen=True)
+class PackedBlock:
+    """One output block of a packed tensor: merged from block ``blocks[k]`` of input ``inputs[k]`` (indices
+    into the tensor's inputs), with the parameters of the output layer it belongs to."""
+
+    inputs: tuple[int, ...]
+    blocks: tuple[int, ...]
+    base_index: Optional[int]  # into this block's inputs
+    params: dict
+    model_params: tuple[dict, ...]
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A tensor outside the layers that packs one block per layer along ``dim`` (Gemma 3n / Gemma 4's
+    per-layer embeddings): output block j (``width`` wide) belongs to output layer j and is merged from the
+    blocks of the source layers that output layer j comes from."""
+
+    dim: int
+    width: int
+    blocks: tuple[PackedBlock, ...]
+
+
+@dataclass(frozen=True)
 class PlannedTensor:
     """One output tensor: its inputs, method and resolved parameters (immutable once planned)."""
 
@@ -83,6 +108,7 @@ class PlannedTensor:
     working_bytes: int  # peak memory to compute it (inputs + temporaries + output)
     shard: int = -1
     row_remap: Optional[RowRemap] = None  # rows remapped to the output vocabulary
+    packed: Optional[Packed] = None  # restacked block by block (then params and base_index are per block)
 
     @property
     def out_bytes(self) -> int:
@@ -221,7 +247,6 @@ class Planner:
             out_config = self._out_config(donor, [], out_config)
         else:
             tensors, stack = self._plan_slices(slices, donor)
-            self._check_packed(donor, stack)
             out_config = self._out_config(donor, stack)
         if self.vocab is not None:
             self.vocab.update_config(out_config)
@@ -248,8 +273,10 @@ class Planner:
 
         # Tensors outside the layers: embeddings from the first slice, the rest from the last.
         first, last = slices[0], slices[-1]
+        layers = output_layers(slices)
+        count = lambda ref: self.meta(ref).layout.num_layers  # noqa: E731
         for name in donor.layout.pre:
-            pt = self._plan_tensor(name, [(s.model, name) for s in first.sources], first, t=0.0)
+            pt = self._plan_outside(name, first, layers, count)
             if pt:
                 tensors.append(pt)
         out_layer = 0
@@ -273,11 +300,86 @@ class Planner:
                 stack.append((sl.sources[0].model, start0 + offset))
                 out_layer += 1
         for name in donor.layout.post:
-            pt = self._plan_tensor(name, [(s.model, name) for s in last.sources], last, t=0.0)
+            pt = self._plan_outside(name, last, layers, count)
             if pt:
                 tensors.append(pt)
 
         return tensors, stack
+
+    def _plan_outside(self, name: str, sl: OutputSlice, layers: list[tuple[OutputSlice, int, float]],
+                      layer_count, module_params: Optional[dict] = None) -> Optional[PlannedTensor]:
+        """A tensor outside the layers, merged from ``sl``'s sources; one that packs a block per layer is
+        restacked block by block after ``layers`` (each output layer's slice, offset and t), unless every
+        output layer is the same layer of the same models. ``layer_count(ref)``: the layers of a model."""
+        ref0 = sl.sources[0].model
+        m0 = self.meta(ref0)
+        tm0 = m0.index.get(name)
+        dim = packed_dim(name, tuple(tm0.shape), layer_count(ref0), m0.config) if tm0 is not None else None
+        models = {s.model for s in sl.sources}
+        same = all(layer_count(s.model) == len(layers) for s in sl.sources) and all(
+            {s.model for s in lsl.sources} == models and all(s.layer_range[0] + off == j for s in lsl.sources)
+            for j, (lsl, off, _) in enumerate(layers))
+        if dim is None or same:
+            return self._plan_tensor(name, [(s.model, name) for s in sl.sources], sl, t=0.0,
+                                     module_params=module_params)
+        return self._plan_packed(name, dim, layers, layer_count, module_params)
+
+    def _plan_packed(self, name: str, dim: int, layers: list[tuple[OutputSlice, int, float]], layer_count,
+                     module_params: Optional[dict]) -> PlannedTensor:
+        """A tensor packing one block per layer, restacked: output block j is planned as a tensor of output
+        layer j (its slice's sources, parameters and t) from the blocks of the source layers."""
+        source = self.recipe.source
+        inputs: dict[ModelRef, int] = {}
+        full: list[TensorInput] = []
+        width = None
+        blocks, block_pts = [], []
+        for j, (sl, off, t) in enumerate(layers):
+            metas, idx, src_blocks = [], [], []
+            for src in sl.sources:
+                m = self.meta(src.model)
+                tm = m.index.get(name)
+                n = layer_count(src.model)
+                d = packed_dim(name, tuple(tm.shape), n, m.config) if tm is not None else None
+                if d != dim:
+                    what = "is missing from" if tm is None else f"{list(tm.shape)} does not pack one block per " \
+                                                                f"layer along dimension {dim} in"
+                    raise UserError(f"tensor {name} {what} model {src.model}", source=source)
+                w = tm.shape[dim] // n
+                if width is None:
+                    width = w
+                elif w != width:
+                    raise UserError(f"tensor {name} packs blocks of {w} per layer in {src.model}, not {width} as "
+                                    "in the other models", source=source)
+                if src.model not in inputs:
+                    inputs[src.model] = len(full)
+                    full.append(TensorInput(self.model_index(src.model), name, tm.file, tuple(tm.shape),
+                                            dtype_name(tm.dtype)))
+                block_shape = tuple(width if k == dim else s for k, s in enumerate(tm.shape))
+                metas.append((src.model, name, dataclasses.replace(tm, shape=block_shape)))
+                idx.append(inputs[src.model])
+                src_blocks.append(src.layer_range[0] + off)
+            bpt = self._plan_metas(name, metas, sl, t, module_params)
+            if bpt.row_remap is not None:
+                raise UserError(f"tensor {name} packs one block per layer and is on the vocabulary axis: a stack "
+                                "that changes the layers cannot also align vocabularies (tokenizer settings, "
+                                "--unsafe-truncate-embeddings)", source=source)
+            blocks.append(PackedBlock(tuple(idx), tuple(src_blocks), bpt.base_index, bpt.params,
+                                      tuple(bpt.model_params)))
+            block_pts.append(bpt)
+        first = block_pts[0]
+        computes = [b.compute_dtype for b in block_pts]
+        compute = None if None in computes else _promoted_dtype([getattr(torch, c) for c in computes])
+        out_dtype = _promoted_dtype([getattr(torch, b.out_dtype) for b in block_pts])
+        shape = tuple(width * len(layers) if k == dim else s for k, s in enumerate(first.shape))
+        numel = 1
+        for d in shape:
+            numel *= d
+        in_bytes = sum(math.prod(i.shape) * itemsize(i.dtype) for i in full)
+        # the inputs, the output, and one block's merge at a time
+        work = in_bytes + numel * itemsize(compute or out_dtype) + max(b.working_bytes for b in block_pts)
+        return PlannedTensor(name=name, shape=shape, out_dtype=out_dtype, inputs=full, base_index=None,
+                             compute_dtype=compute, params=first.params, model_params=[], method=first.method,
+                             working_bytes=int(work), packed=Packed(dim, width, tuple(blocks)))
 
     def _normalized_slices(self) -> list[OutputSlice]:
         """`models:` becomes one slice over every layer; the base joins the sources."""
@@ -328,17 +430,6 @@ class Planner:
                               self.allow_crimes)
         return suffixes
 
-    def _check_packed(self, donor: _ModelMeta, stack: list[tuple[ModelRef, int]]) -> None:
-        """Tensors packing one block per layer would need their blocks restacked: refused (not silently wrong)."""
-        if stack == [(donor.ref, i) for i in range(donor.layout.num_layers)]:
-            return
-        for name in donor.layout.pre + donor.layout.post:
-            shape = tuple(donor.index[name].shape)
-            if packed_per_layer(name, shape, donor.layout.num_layers):
-                raise UserError(f"tensor {name} {list(shape)} packs one block per layer of {donor.ref}; a slice or "
-                                "stack that changes the layers would need its blocks rearranged, which is not "
-                                "supported", source=self.recipe.source)
-
     def _layer_values(self, m: _ModelMeta) -> dict[str, list]:
         if m.ref not in self._values:
             self._values[m.ref] = layer_values(m.config)
@@ -362,7 +453,6 @@ class Planner:
         """``module_params``: the parameters of a `modules:` recipe's module (between slice and global);
         ``method``: another method than the recipe's (copy, for the modules a recipe does not list)."""
         recipe = self.recipe
-        base_ref = sl.base_model or recipe.base_model
         metas: list[tuple[ModelRef, str, TensorMeta]] = []
         for ref, name in inputs:
             m = self.meta(ref)
@@ -378,6 +468,13 @@ class Planner:
             metas.append((ref, name, tm))
         if not metas:
             return None  # an optional tensor (e.g. a tied lm_head) nobody has
+        return self._plan_metas(out_name, metas, sl, t, module_params, method)
+
+    def _plan_metas(self, out_name: str, metas: list[tuple[ModelRef, str, TensorMeta]], sl: OutputSlice, t: float,
+                    module_params: Optional[dict] = None, method: Optional[MergeMethod] = None) -> PlannedTensor:
+        """One output tensor from its inputs' metadata (model, tensor name, meta)."""
+        recipe = self.recipe
+        base_ref = sl.base_model or recipe.base_model
         shapes = {tm.shape for _, _, tm in metas}
         vocab_rows = self.vocab is not None and self.vocab.is_vocab_tensor(out_name, shapes)
         truncate = (not vocab_rows and len(shapes) > 1 and self.unsafe_truncate_embeddings

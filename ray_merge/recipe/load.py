@@ -225,7 +225,8 @@ def _models_slice(models: Any, key: str, err) -> OutputSlice:
     return OutputSlice(sources=sources)
 
 
-def _slices(raw_slices: Any, key: str, err) -> list[OutputSlice]:
+def _slices(raw_slices: Any, key: str, err, empty_ok: bool = False) -> list[OutputSlice]:
+    """``empty_ok``: a module's slices, where ``[0, 0]`` names a module without layers (a projector)."""
     if not isinstance(raw_slices, list) or not raw_slices:
         raise err(key, "must be a non-empty list")
     slices = []
@@ -252,7 +253,7 @@ def _slices(raw_slices: Any, key: str, err) -> list[OutputSlice]:
                 or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
             ):
                 raise err(f"{skey}.layer_range", "must be a list of two integers [start, end]")
-            if lr[0] < 0 or lr[1] <= lr[0]:
+            if lr[0] < 0 or lr[1] < lr[0] or (lr[1] == lr[0] and not empty_ok):
                 raise err(f"{skey}.layer_range", f"{lr} is empty or negative")
             sources.append(
                 SliceSource(
@@ -292,7 +293,7 @@ def _modules(raw: Any, err) -> dict[str, OutputModule]:
         if has_models == has_slices:
             raise err(key, "give exactly one of 'models' or 'slices'")
         slices = [_models_slice(m["models"], f"{key}.models", err)] if has_models \
-            else _slices(m["slices"], f"{key}.slices", err)
+            else _slices(m["slices"], f"{key}.slices", err, empty_ok=True)
         out[name] = OutputModule(slices=slices, from_models=has_models,
                                  parameters=_parameters(m.get("parameters"), f"{key}.parameters", err))
     return out
