@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 
+from ray_merge import parallel
 from ray_merge.errors import UserError
 
 COMMANDS = [
@@ -67,6 +68,7 @@ def _stop_ray() -> None:
 
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parallel.set_thread_defaults()  # before any command imports torch
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args)

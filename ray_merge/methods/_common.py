@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-
 from ray_merge.errors import UserError
+from ray_merge.methods._deferred import deferred
 from ray_merge.methods.base import MergeInputs
+
+torch = deferred("torch")
 
 
 def work_dtype(t: torch.Tensor) -> torch.dtype:
@@ -47,7 +48,8 @@ def finish(result: torch.Tensor, like: Optional[torch.Tensor]) -> torch.Tensor:
     return result
 
 
-_HALF = (torch.float16, torch.bfloat16)
+def _half(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16)
 
 
 def round_(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -57,13 +59,13 @@ def round_(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     rounding of mergekit, which stores those intermediate results in the
     recipe's (half) dtype.
     """
-    if dtype in _HALF and x.dtype != dtype:
+    if _half(dtype) and x.dtype != dtype:
         x.copy_(x.to(dtype))
     return x
 
 
 def round_scalar(value: float, dtype: torch.dtype) -> float:
     """``value`` rounded to ``dtype``'s precision (unchanged unless half)."""
-    if dtype in _HALF:
+    if _half(dtype):
         return float(torch.tensor(value, dtype=dtype))
     return value

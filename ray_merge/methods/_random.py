@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
-import torch
-
 from ray_merge import parallel
+from ray_merge.methods._deferred import deferred
+
+np = deferred("numpy")
+torch = deferred("torch")
 
 
 def draw_seed(generator: Optional[torch.Generator]) -> list[int]:

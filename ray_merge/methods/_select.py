@@ -22,7 +22,10 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
-import torch
+from ray_merge.methods._deferred import deferred
+
+torch = deferred("torch")
+
 
 # Tensors up to this many elements are ranked with mergekit's own sort. Set
 # RAY_MERGE_EXACT_SELECTION_MAX_NUMEL (read at import, so it reaches Ray
@@ -39,7 +42,7 @@ CHUNK = 1 << 18
 _HIST_BITS = 16
 _DIRECT_KTHVALUE_NUMEL = 1 << 17
 
-Chunks = Callable[[], Iterable[torch.Tensor]]
+Chunks = Callable[[], Iterable["torch.Tensor"]]
 
 
 def use_mergekit_sort(numel: int) -> bool:

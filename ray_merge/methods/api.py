@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
-
 from ray_merge.errors import UserError
+from ray_merge.methods._deferred import deferred
 from ray_merge.methods.base import MergeInputs, MergeMethod, get_method
+
+torch = deferred("torch")
 
 
 def resolve_params(

@@ -1,12 +1,13 @@
 """Arcee Fusion (mergekit v0.1 release)."""
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
 from ray_merge.methods._common import base_and_others, exactly
+from ray_merge.methods._deferred import deferred
 from ray_merge.methods._select import kth_smallest
 from ray_merge.methods.base import MergeInputs, merge_method
+
+torch = deferred("torch")
+F = deferred("torch.nn.functional")
 
 _QUARTILES = (0.25, 0.5, 0.75)
 

@@ -27,11 +27,12 @@ import math
 import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Optional
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from ray_merge.errors import UserError
+
+if TYPE_CHECKING:  # annotations only: importing the methods does not import torch (see _deferred)
+    import torch
 
 REQUIRED = object()  # sentinel: a parameter with no default
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
+from ray_merge.methods._deferred import deferred
+
+torch = deferred("torch")
+
 
 SUM = "sum"  # elect the sign of the summed entries (the TIES paper)
 COUNT = "count"  # elect the sign held by more models

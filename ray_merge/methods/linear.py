@@ -1,10 +1,11 @@
 """Weighted averages: linear and passthrough; and the planner's internal copy."""
 from __future__ import annotations
 
-import torch
-
 from ray_merge.methods._common import finish, work_dtype
+from ray_merge.methods._deferred import deferred
 from ray_merge.methods.base import MergeInputs, Param, merge_method
+
+torch = deferred("torch")
 
 
 @merge_method(

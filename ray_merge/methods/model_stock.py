@@ -1,11 +1,12 @@
 """Model Stock (Jang et al., 2024)."""
 from __future__ import annotations
 
-import torch
-
 from ray_merge.errors import UserError
 from ray_merge.methods._common import base_and_others
+from ray_merge.methods._deferred import deferred
 from ray_merge.methods.base import MergeInputs, Param, merge_method
+
+torch = deferred("torch")
 
 
 @merge_method(

@@ -1,10 +1,11 @@
 """NearSwap (alchemonaut, QuartetAnemoi-70B-t0.0001)."""
 from __future__ import annotations
 
-import torch
-
 from ray_merge.methods._common import base_and_others, exactly
+from ray_merge.methods._deferred import deferred
 from ray_merge.methods.base import MergeInputs, Param, merge_method
+
+torch = deferred("torch")
 
 
 @merge_method(

@@ -8,10 +8,11 @@ the mean of their changes. Arithmetic is in the inputs' precision, as mergekit's
 """
 from __future__ import annotations
 
-import torch
-
 from ray_merge.methods._common import base_and_others
+from ray_merge.methods._deferred import deferred
 from ray_merge.methods.base import MergeInputs, Param, merge_method
+
+torch = deferred("torch")
 
 _EPSILON = Param("epsilon", 1e-5, min=0.0, help="changes at or below this magnitude count as none")
 

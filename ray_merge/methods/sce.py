@@ -1,12 +1,13 @@
 """SCE: Select, Calculate, Erase (Wan et al., FuseChat, 2024)."""
 from __future__ import annotations
 
-import torch
-
 from ray_merge.methods._common import base_and_others, work_dtype
+from ray_merge.methods._deferred import deferred
 from ray_merge.methods._select import top_k_mask, use_mergekit_sort
 from ray_merge.methods.base import MergeInputs, Param, merge_method
 from ray_merge.methods.consensus import elect_sign
+
+torch = deferred("torch")
 
 
 def _select_mask(task_vectors: torch.Tensor, fraction: float) -> torch.Tensor:

@@ -15,13 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-import numpy as np
-import torch
-
 from ray_merge.errors import UserError
 from ray_merge.methods import _random
 from ray_merge.methods._common import round_scalar, work_dtype
+from ray_merge.methods._deferred import deferred
 from ray_merge.methods._select import CHUNK, RankRange, rank_range, use_mergekit_sort
+
+np = deferred("numpy")
+torch = deferred("torch")
 
 MAGNITUDE = "magnitude"
 RANDOM = "random"
@@ -100,10 +101,6 @@ class KeepMask(Keep):
         zero_dropped_(delta, self.mask[start : start + delta.numel()])
 
 
-# Integer views of the same width: multiplying one by a 0/1 mask zeroes a float's bits.
-_BITS = {torch.float16: np.int16, torch.bfloat16: np.int16}
-
-
 def zero_dropped_(x: torch.Tensor, keep: torch.Tensor) -> None:
     """``x *= keep`` in place for a flat bool ``keep``; dropped entries become +0.0.
 
@@ -114,7 +111,8 @@ def zero_dropped_(x: torch.Tensor, keep: torch.Tensor) -> None:
     if x.device.type != "cpu" or not x.is_contiguous():
         x.mul_(keep.to(x.device))
         return
-    values = x.view(torch.int16).numpy() if x.dtype in _BITS else x.numpy()
+    # an integer view of the same width: multiplying it by a 0/1 mask zeroes a half float's bits
+    values = x.view(torch.int16).numpy() if x.dtype in (torch.float16, torch.bfloat16) else x.numpy()
     np.multiply(values, keep.numpy(), out=values)
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from ray_merge.errors import UserError
 from ray_merge.methods._common import base_and_others, exactly, work_dtype
+from ray_merge.methods._deferred import deferred
 from ray_merge.methods._select import CHUNK
 from ray_merge.methods.base import MergeInputs, Param, merge_method
+
+torch = deferred("torch")
 
 _SLERP_DOT_THRESHOLD = 0.9995
 _SLERP_EPS = 1e-8

@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Optional
 
-import torch
-
 from ray_merge.methods import sparsify
 from ray_merge.methods._common import base_and_others, round_, round_scalar
+from ray_merge.methods._deferred import deferred
 from ray_merge.methods._select import CHUNK
 from ray_merge.methods.base import MergeInputs, Param, merge_method
 from ray_merge.methods.consensus import SUM, agreeing_sum_, elect_sign
+
+torch = deferred("torch")
 
 
 @dataclass(frozen=True)
