@@ -27,7 +27,12 @@ TOP_KEYS = {"genome", "tasks", "search", "evaluation", "seed", "name",
 GENOME_KEYS = {"models", "merge_method", "base_model", "tokenizer_source", "tokenizer", "chat_template",
                "layer_granularity", "normalize", "allow_negative_weights", "smooth", "filters",
                "parameters", "dtype", "out_dtype", "kind", "dataflow"}
-GENOME_KINDS = ("parameters", "dataflow")
+GENOME_KINDS = ("parameters", "dataflow", "both")
+# kind: both: the name of the parameter-space merge (stage 1) in its candidates' two-stage recipes, where the
+# layer path (stage 2) uses it as a model
+BOTH_STAGE = "merged"
+# genome keys kind: both refuses: the in-memory merged model would need its own tokenizer
+BOTH_REFUSED_KEYS = ("tokenizer_source", "tokenizer")
 DATAFLOW_KEYS = {"max_layers", "repeats", "scale", "scale_filters"}
 # genome keys of a parameter-space search only: refused with kind: dataflow (they would be ignored)
 PARAMETER_ONLY_KEYS = ("base_model", "layer_granularity", "normalize", "allow_negative_weights", "smooth",
@@ -92,8 +97,8 @@ class GenomeConfig:
     fixed: dict[str, Any] = field(default_factory=dict)  # parameters set to a value (not searched)
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
-    kind: str = "parameters"  # or "dataflow": a layer-path search (evolve.dataflow)
-    dataflow: Optional[DataflowConfig] = None  # kind: dataflow
+    kind: str = "parameters"  # or "dataflow": a layer-path search (evolve.dataflow); "both" (evolve.both)
+    dataflow: Optional[DataflowConfig] = None  # kind: dataflow or both
 
 
 @dataclass
@@ -350,16 +355,26 @@ def _genome(g: Any, base_dir: str, err) -> GenomeConfig:
     if len(set(models)) != len(models):
         raise err("genome.models", "lists a model twice")
     kind = g.get("kind", "parameters")
-    if kind == "both":
-        raise err("genome.kind", "'both' (a layer path over input models and a parameter-space merge) is not "
-                                 "supported: the merge engine plans only from models on disk, so the "
-                                 "parameter-merged model cannot be a source of the stack in memory")
     if kind not in GENOME_KINDS:
-        raise err("genome.kind", f"unknown kind {kind!r} (use {' or '.join(GENOME_KINDS)})")
+        raise err("genome.kind", f"unknown kind {kind!r} (use {', '.join(GENOME_KINDS)})")
     if kind == "dataflow":
         return _dataflow_genome(g, models, base_dir, err)
-    if "dataflow" in g:
-        raise err("genome.dataflow", "only with genome.kind: dataflow")
+    if "dataflow" in g and kind != "both":
+        raise err("genome.dataflow", "only with genome.kind: dataflow or both")
+    dataflow = None
+    if kind == "both":
+        for key in BOTH_REFUSED_KEYS:
+            if key in g:
+                raise err(f"genome.{key}", "not supported with kind: both (the layer path mixes the inputs' "
+                                           "layers with the in-memory merged model's: the models must share a "
+                                           "vocabulary)")
+        base = g.get("base_model")
+        named = models + ([_model(base, "genome.base_model", base_dir, err)] if base is not None else [])
+        if BOTH_STAGE in named:
+            raise err("genome.models" if BOTH_STAGE in models else "genome.base_model",
+                      f"{BOTH_STAGE!r} names the parameter-merged model with kind: both (give the model's path "
+                      f"as ./{BOTH_STAGE})")
+        dataflow = _dataflow_section(g, err)
     if "merge_method" not in g:
         raise err("genome.merge_method", "missing")
     if not isinstance(g["merge_method"], str):
@@ -425,7 +440,8 @@ def _genome(g: Any, base_dir: str, err) -> GenomeConfig:
         tokenizer=tokenizer, chat_template=chat_template, layer_granularity=gran, normalize=normalize,
         allow_negative_weights=_bool(g.get("allow_negative_weights", False), "genome.allow_negative_weights", err),
         smooth=_bool(g.get("smooth", False), "genome.smooth", err), filters=filters, searched=searched,
-        fixed=fixed, dtype=_dtype(g, "dtype", err), out_dtype=_dtype(g, "out_dtype", err),
+        fixed=fixed, dtype=_dtype(g, "dtype", err), out_dtype=_dtype(g, "out_dtype", err), kind=kind,
+        dataflow=dataflow,
     )
 
 
@@ -464,7 +480,18 @@ def _dataflow_genome(g: dict, models: list[str], base_dir: str, err) -> GenomeCo
                                        "its layers)" if key == "base_model" else "not used by kind: dataflow")
     method = g.get("merge_method", "passthrough")
     if method != "passthrough":
-        raise err("genome.merge_method", "kind: dataflow writes passthrough recipes (leave merge_method out)")
+        raise err("genome.merge_method", "kind: dataflow writes passthrough recipes (leave merge_method out, "
+                                         "or use kind: both to search a merge too)")
+    df = _dataflow_section(g, err)
+    tokenizer_source, tokenizer, chat_template = _tokenizer_settings(g, base_dir, err)
+
+    return GenomeConfig(models=models, merge_method="passthrough", tokenizer_source=tokenizer_source,
+                        tokenizer=tokenizer, chat_template=chat_template, dtype=_dtype(g, "dtype", err),
+                        out_dtype=_dtype(g, "out_dtype", err), kind="dataflow", dataflow=df)
+
+
+def _dataflow_section(g: dict, err) -> DataflowConfig:
+    """``genome.dataflow`` (kind: dataflow or both), with its defaults."""
     d = _mapping(g.get("dataflow"), "genome.dataflow", err)
     _no_unknown(d, DATAFLOW_KEYS, "genome.dataflow", err)
     df = DataflowConfig(
@@ -493,11 +520,7 @@ def _dataflow_genome(g: dict, models: list[str], base_dir: str, err) -> GenomeCo
         if not df.scale_filters:
             raise err("genome.dataflow.scale_filters", "must name the tensors that write into the residual "
                                                        "stream (o_proj, down_proj for Llama)")
-    tokenizer_source, tokenizer, chat_template = _tokenizer_settings(g, base_dir, err)
-
-    return GenomeConfig(models=models, merge_method="passthrough", tokenizer_source=tokenizer_source,
-                        tokenizer=tokenizer, chat_template=chat_template, dtype=_dtype(g, "dtype", err),
-                        out_dtype=_dtype(g, "out_dtype", err), kind="dataflow", dataflow=df)
+    return df
 
 
 def _resolved_genome_raw(raw: dict, g: GenomeConfig) -> dict:

@@ -52,10 +52,8 @@ This is why ``max_layers`` must be at least every input model's layer count.
 first model, 0.25 elsewhere) with the scale's ``init`` (default 1): the search starts from the first input
 model. ``search.random_init`` starts from a random point instead.
 
-Not supported: ``kind: both`` (a path over the input models and a parameter-space merge of them). The merge
-engine plans only from models on disk (config.json and safetensors headers), so a parameter-merged model cannot
-be a source of the stack without writing each candidate's intermediate model to disk or a planner hook for
-in-memory models.
+``kind: both`` (evolve.both) uses this genome with the parameter-space merge of the inputs as one more source
+(named ``merged``), in a two-stage recipe.
 """
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ import torch
 
 from evolve.backends import make_backend
 from evolve.backends.common import resolve_device
+from evolve.stages import is_staged, plan_stages
 from ray_merge.execute.loaders import ResidentLoader
 from ray_merge.execute.stream import merge_in_memory
 from ray_merge.planner.plan import plan_recipe
@@ -42,12 +43,27 @@ class CandidateBuilder:
     def plan(self, recipe: dict, source: str = "<candidate>"):
         return plan_recipe(recipe_from_dict(recipe, source=source), allow_crimes=self.allow_crimes, seed=self.seed)
 
-    def build(self, recipe: dict, source: str = "<candidate>"):
-        """(state dict, plan) of the merged candidate."""
+    def build(self, recipe, source: str = "<candidate>"):
+        """(state dict, plan) of the merged candidate. A multi-stage candidate (a list of recipes, evolve.stages)
+        is merged stage by stage in memory, each stage reading the earlier ones' tensors from memory; the
+        result is the last stage's."""
+        if is_staged(recipe):
+            return self._build_stages(recipe, source)
         plan = self.plan(recipe, source)
         loader = ResidentLoader(plan)
         loader.cache = self.cache
         return merge_in_memory(plan, loader, device=self.device), plan
+
+    def _build_stages(self, recipe: list, source: str):
+        merged: dict = {}  # stage name -> its state dict, while later stages need it
+        sd, plan = None, None
+        for name, plan in plan_stages(recipe, source=source, seed=self.seed, allow_crimes=self.allow_crimes):
+            loader = ResidentLoader(plan, in_memory=merged)
+            loader.cache = self.cache
+            sd = merge_in_memory(plan, loader, device=self.device)
+            if name is not None:
+                merged[name] = sd
+        return sd, plan
 
     @property
     def resident_bytes(self) -> int:

@@ -12,8 +12,8 @@ import json
 import os
 
 import numpy as np
-import yaml
 
+from evolve.stages import recipe_yaml, run_command
 from evolve.storage import Storage
 
 
@@ -65,8 +65,8 @@ def write_front(storage, history: list[dict], tasks: list) -> list[dict]:
         name = f"front_{i:03d}.yml"
         scores = ", ".join(f"{k} {v:.4f}" for k, v in r["scores"].items())
         header = (f"# ray-merge evolve: Pareto front member {i} of {len(front)}: candidate {r['id']}, combined "
-                  f"score {r['score']:.6g} ({scores})\n# run it with: ray-merge run {name} OUTPUT_DIR\n")
-        sub.write_atomic(name, header + yaml.safe_dump(r["recipe"], sort_keys=False))
+                  f"score {r['score']:.6g} ({scores})\n# run it with: {run_command(r['recipe'], name)}\n")
+        sub.write_atomic(name, header + recipe_yaml(r["recipe"]))
         names.append(name)
     for name in sorted(os.listdir(sub.path)):
         if name.startswith("front_") and name.endswith(".yml") and name not in names:

@@ -196,7 +196,8 @@ def summary_text(storage, genome, cfg, summary: dict) -> str:
                 lines += ["", agreement_line(json.load(f))]
         except (OSError, ValueError):
             lines += ["", agreement_line({})]
-    lines += ["", f"best recipe: {storage.file('best_config.yml')}  (ray-merge run it unchanged)",
+    lines += ["", f"best recipe: {storage.file('best_config.yml')}  (ray-merge "
+                  f"{'multi' if cfg.genome.kind == 'both' else 'run'} it unchanged)",
               f"history: {storage.file('history.jsonl')}; plots: progress.png, best_params.png"]
     return "\n".join(lines)
 

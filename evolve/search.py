@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
-import yaml
 
+from evolve.both import BothGenome
 from evolve.config import EvolveConfig
 from evolve.dataflow import DataflowGenome
 from evolve.evaluator import Evaluator
@@ -53,6 +53,7 @@ from evolve.pareto import objectives, write_front
 from evolve.report import write_report
 from evolve.scoring import combined_score, format_exception
 from evolve.searcher import NSGA2Searcher, Searcher
+from evolve.stages import is_staged, plan_stages, recipe_yaml, run_command, run_stages
 from evolve.storage import CHECKPOINT, Storage
 from evolve.subsample import agreement_report, rescore_points, subsample_round, top_candidates
 from evolve.tracking import Tracker
@@ -61,7 +62,6 @@ from ray_merge.errors import UserError
 from ray_merge.execute.ray.pool import WorkPool
 from ray_merge.execute.ray.session import ray_session
 from ray_merge.options import MergeOptions, WorkerSpec
-from ray_merge.planner.plan import plan_recipe
 from ray_merge.recipe.load import recipe_from_dict
 
 
@@ -308,9 +308,12 @@ def _ids(generation: int, n: int) -> list[str]:
 
 
 def make_genome(cfg: EvolveConfig):
-    """The genome of ``genome.kind``: parameter space (evolve.genome) or layer paths (evolve.dataflow)."""
+    """The genome of ``genome.kind``: parameter space (evolve.genome), layer paths (evolve.dataflow) or both
+    (evolve.both)."""
     if cfg.genome.kind == "dataflow":
         return DataflowGenome.from_config(cfg.genome, cfg.source)
+    if cfg.genome.kind == "both":
+        return BothGenome.from_config(cfg.genome, cfg.source)
     return Genome.from_config(cfg.genome, cfg.source)
 
 
@@ -337,7 +340,7 @@ def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions, evaluator
     # The first recipe is planned here: a recipe the planner rejects fails now, with one line.
     # (The evaluators instantiate their model from it: for a layer path, padded to max_layers.)
     first_recipe = genome.eval_recipe(genome.initial())
-    plan_recipe(recipe_from_dict(first_recipe, source=f"{cfg.source} (genome -> recipe)"), seed=cfg.seed,
+    plan_stages(first_recipe, source=f"{cfg.source} (genome -> recipe)", seed=cfg.seed,
                 allow_crimes=opts.allow_crimes)
 
     history = storage.read_history() if opts.resume else []
@@ -507,8 +510,11 @@ def run_search(cfg: EvolveConfig, storage_path: str, opts: RunOptions, evaluator
     if opts.save_final_model and best is not None:
         out = storage.file("final_model")
         say(f"merging the best recipe ({best['id']}) into {out}")
-        run_merge(recipe_from_dict(best["recipe"], source=storage.file("best_config.yml")), out,
-                  MergeOptions(random_seed=cfg.seed, allow_crimes=opts.allow_crimes, quiet=opts.quiet))
+        options = MergeOptions(random_seed=cfg.seed, allow_crimes=opts.allow_crimes, quiet=opts.quiet)
+        if is_staged(best["recipe"]):  # kind: both: stage 1 goes to a scratch directory
+            run_stages(best["recipe"], out, storage.path, options, source=storage.file("best_config.yml"))
+        else:
+            run_merge(recipe_from_dict(best["recipe"], source=storage.file("best_config.yml")), out, options)
     if opts.report:
         text = write_report(storage, genome, cfg, summary)
         if not opts.quiet:
@@ -579,8 +585,8 @@ def write_agreement(cfg: EvolveConfig, storage: Storage, history: list[dict]) ->
         scores = ", ".join(f"{k} {v:.4f}" for k, v in best["scores"].items())
         header = (f"# ray-merge evolve: the best of {len(ok)} candidate(s) re-scored on the full sets: candidate "
                   f"{best['id']}, score {best['score']:.6g} ({scores}; on the subsample: "
-                  f"{best['cheap_score']:.6g})\n# run it with: ray-merge run best_full_config.yml OUTPUT_DIR\n")
-        storage.write_atomic("best_full_config.yml", header + yaml.safe_dump(recipe, sort_keys=False))
+                  f"{best['cheap_score']:.6g})\n# run it with: {run_command(recipe, 'best_full_config.yml')}\n")
+        storage.write_atomic("best_full_config.yml", header + recipe_yaml(recipe))
     return report
 
 

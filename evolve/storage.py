@@ -26,6 +26,7 @@ from typing import Any, Optional
 import numpy as np
 import yaml
 
+from evolve.stages import recipe_yaml, run_command
 from ray_merge.errors import UserError
 
 CHECKPOINT_VERSION = 2
@@ -203,8 +204,8 @@ class Storage:
         scores = ", ".join(f"{k} {v:.4f}" for k, v in (record.get("scores") or {}).items())
         header = (f"# ray-merge evolve: best of {n_evaluated} evaluation(s) so far: candidate {record['id']}, "
                   f"score {record['score']:.6g} ({scores})\n"
-                  f"# run it with: ray-merge run best_config.yml OUTPUT_DIR\n")
-        self.write_atomic("best_config.yml", header + yaml.safe_dump(record["recipe"], sort_keys=False))
+                  f"# run it with: {run_command(record['recipe'], 'best_config.yml')}\n")
+        self.write_atomic("best_config.yml", header + recipe_yaml(record["recipe"]))
         best = {k: record.get(k) for k in ("id", "generation", "score", "scores", "genotype", "values")}
         best["evaluations"] = n_evaluated
         self.write_atomic("best.json", json.dumps(best, indent=1, default=_json_default))

@@ -102,7 +102,7 @@ def test_fixed_scale_and_defaults(demo_models):
 
 
 @pytest.mark.parametrize("genome, key", [
-    ({"kind": "both"}, "genome.kind"),
+    ({"kind": "mixed"}, "genome.kind"),
     ({"base_model": "ft_arith"}, "genome.base_model"),
     ({"merge_method": "ties"}, "genome.merge_method"),
     ({"layer_granularity": 2}, "genome.layer_granularity"),

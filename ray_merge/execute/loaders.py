@@ -82,13 +82,21 @@ class TensorLoader:
 
 
 class ResidentLoader(TensorLoader):
-    """Keeps every tensor it has read in memory (evolution re-merges the same inputs)."""
+    """Keeps every tensor it has read in memory (evolution re-merges the same inputs).
 
-    def __init__(self, plan: Plan):
+    ``in_memory`` (model ref -> state dict): models that exist only in memory, such as an earlier stage of a
+    multi-stage candidate planned with the planner's ``in_memory``; their tensors are taken from there, never
+    from disk nor the cache."""
+
+    def __init__(self, plan: Plan, in_memory: Optional[dict[str, dict[str, torch.Tensor]]] = None):
         super().__init__(plan)
         self.cache: dict[tuple[str, str], torch.Tensor] = {}
+        self.in_memory = in_memory or {}
 
     def load(self, inp: TensorInput) -> torch.Tensor:
+        given = self.in_memory.get(self.plan.models[inp.model].ref)
+        if given is not None:
+            return given[inp.tensor]
         key = (self.plan.models[inp.model].path, inp.tensor)
         t = self.cache.get(key)
         if t is None:

@@ -195,9 +195,14 @@ class _ModelMeta:
 class Planner:
     def __init__(self, recipe: Recipe, *, out_shard_bytes: int = DEFAULT_SHARD_BYTES,
                  allow_crimes: bool = False, seed: Optional[int] = None, trust_remote_code: bool = False,
-                 unsafe_truncate_embeddings: bool = False):
+                 unsafe_truncate_embeddings: bool = False,
+                 in_memory: Optional[dict[str, tuple[str, dict, dict[str, TensorMeta]]]] = None):
         self.recipe = recipe
         self.method: MergeMethod = get_method(recipe.merge_method)
+        # models that exist only in memory (an earlier stage of a multi-stage candidate, merged by the caller):
+        # recipe name -> (directory of its tokenizer and extra files, config, tensor index); the caller's loader
+        # supplies their tensors
+        self.in_memory = in_memory or {}
         self.out_shard_bytes = out_shard_bytes
         self.allow_crimes = allow_crimes
         self.seed = seed
@@ -212,7 +217,8 @@ class Planner:
     # -- model metadata ---------------------------------------------------
     def meta(self, ref: ModelRef) -> _ModelMeta:
         if ref not in self._meta:
-            path, config, index = plan_model(ref)  # a hub model: its metadata only, no weights downloaded
+            given = self.in_memory.get(str(ref))  # else from disk (a hub model: metadata only, no weights)
+            path, config, index = given if given is not None else plan_model(ref)
             names = sorted(index, key=_natural_key)
             layout = infer_layout(names, config, str(ref))
             self._meta[ref] = _ModelMeta(ref, path, config, index, layout)
