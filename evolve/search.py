@@ -60,7 +60,7 @@ from evolve.tracking import Tracker
 from ray_merge.engine import run_merge
 from ray_merge.errors import UserError
 from ray_merge.execute.ray.pool import WorkPool
-from ray_merge.execute.ray.session import ray_session
+from ray_merge.execute.ray.session import ray_session, worker_runtime_env
 from ray_merge.options import MergeOptions, WorkerSpec
 from ray_merge.recipe.load import recipe_from_dict
 
@@ -131,7 +131,7 @@ class EvaluatorPool:
         import ray
 
         cls = ray.remote(self.evaluator_cls)
-        return cls.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus,
+        return cls.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus, runtime_env=worker_runtime_env(),
                            max_concurrency=self.in_flight + 1).remote(self.spec, name)
 
     def _submit(self, actor, c: Candidate):

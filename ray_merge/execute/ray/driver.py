@@ -29,7 +29,7 @@ from typing import Optional
 from ray_merge.errors import UserError, one_line
 from ray_merge.execute.ray.actor import MAX_RESTARTS, MergeWorker
 from ray_merge.execute.ray.pool import WorkPool
-from ray_merge.execute.ray.session import RayConnection, check_ray_address
+from ray_merge.execute.ray.session import RayConnection, check_ray_address, worker_runtime_env
 from ray_merge.execute.shards import ATTEMPTS_DIR, ShardResult
 from ray_merge.io.storage import is_url, parse_storage_options
 from ray_merge.options import MergeOptions, WorkerSpec
@@ -215,6 +215,7 @@ class RayExecutor:
         budget = self._default_budget(options, n)
         device = "cuda" if self.spec.gpus else "cpu"
         opts = dict(num_cpus=self.spec.cpus, num_gpus=self.spec.gpus, scheduling_strategy="SPREAD",
+                    runtime_env=worker_runtime_env(),
                     max_restarts=MAX_RESTARTS, max_task_retries=0)
         if self.spec.resources:
             opts["resources"] = dict(self.spec.resources)

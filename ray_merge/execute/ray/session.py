@@ -181,9 +181,18 @@ def ray_session(spec, verbose: int = 0, object_store_bytes: int = 256 * 2**20):
         conn.close(ok)
 
 
+def worker_runtime_env() -> dict:
+    """The runtime environment of every actor and task: OpenMP threads that sleep while they wait.
+
+    Local workers inherit it from this process (``parallel.set_thread_defaults``); a cluster's workers are
+    started by their node's raylet, so it is passed here. Spinning threads starve each other on shared cores.
+    """
+    return {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}
+
+
 def task_options(spec) -> dict:
     """Ray task options for one unit of work of a tool (one module, one stage)."""
-    opts = dict(num_cpus=spec.cpus, num_gpus=spec.gpus)
+    opts = dict(num_cpus=spec.cpus, num_gpus=spec.gpus, runtime_env=worker_runtime_env())
     if spec.memory:
         opts["memory"] = spec.memory
     if spec.resources:
