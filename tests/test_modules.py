@@ -7,7 +7,9 @@ projector (``visual.merger``), each merged with its own models / slices / parame
   rewritten, every tensor from the right layer, and the output loads with no missing or unexpected keys;
 - the same linear recipe through mergekit (it knows Qwen2-VL): equal on every tensor it writes (it drops the
   modules a recipe does not list; we copy them);
-- bad `modules:` input: one line naming the file and key, exit code 2.
+- bad `modules:` input: one line naming the file and key, exit code 2;
+- encoder-decoder models (tiny T5 against mergekit's t5 definition; tiny Whisper against an independent
+  computation): one module a frankenmerge by slices, the other a linear weight gradient, both ways round.
 """
 from __future__ import annotations
 
@@ -379,3 +381,189 @@ def test_flat_config_text_fields_follow_the_layers():
     out = stack_layer_fields(cfg, values, [(values, 1), (values, 2)], ["x", "y"])
     assert out["num_hidden_layers"] == out["text_config"]["num_hidden_layers"] == 2
     assert out["text_config"]["layer_types"] == [f, s]
+
+
+# ---------------------------------------------------------------------------
+# An encoder-decoder model (T5): mergekit's t5 definition has `encoder` and `decoder` modules
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def t5(tmp_path_factory):
+    """Two tiny T5 models (3 encoder blocks, 2 decoder blocks; embeddings tied, so only `shared.weight`),
+    every tensor perturbed so that no two models agree anywhere (norms included)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("t5")
+    cfg = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_decoder_layers=2, num_heads=4,
+                   feed_forward_proj="gated-gelu", decoder_start_token_id=0)
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        path = root / f"t{seed}"
+        T5ForConditionalGeneration(cfg).save_pretrained(path, safe_serialization=True)
+        tensors = {}
+        for f in [f for f in os.listdir(path) if f.endswith(".safetensors")]:
+            tensors.update(load_file(path / f))
+            os.remove(path / f)
+        gen = torch.Generator().manual_seed(seed + 10)
+        save_file({k: v + torch.randn(v.shape, generator=gen) * 0.05 for k, v in tensors.items()},
+                  path / "model.safetensors", metadata={"format": "pt"})
+        paths.append(path)
+    return paths
+
+
+_GRADIENT = {"models": [{"model": "A", "parameters": {"weight": [0.2, 0.8]}},
+                        {"model": "B", "parameters": {"weight": 0.5}}]}
+_T5_FRANKEN = {  # module -> slices of (model, layer range)
+    "encoder": [("A", [0, 2]), ("B", [1, 3])],  # 4 blocks: A0 A1 B1 B2
+    "decoder": [("A", [0, 2]), ("B", [1, 2])],  # 3 blocks: A0 A1 B1
+}
+
+
+@pytest.mark.parametrize("franken", ["encoder", "decoder"])
+def test_t5_encoder_decoder_modules_same_as_mergekit(t5, tmp_path, franken):
+    """One module a frankenmerge by slices, the other a linear merge with a weight gradient over its layers,
+    through `ray-merge run`; every tensor against an independent computation and against mergekit (which
+    writes no `shared.weight`: its t5 definition names only the tied `*.embed_tokens.weight`); the config's
+    `num_layers` / `num_decoder_layers` rewritten; the output loads in transformers and runs."""
+    from transformers import T5ForConditionalGeneration
+
+    linear = "decoder" if franken == "encoder" else "encoder"
+    modules = infer_modules(sorted(load_dir(t5[0])), json.load(open(t5[0] / "config.json")),
+                            infer_layout(sorted(load_dir(t5[0])), json.load(open(t5[0] / "config.json")), "a"))
+    assert set(modules) == {"encoder", "decoder"}
+    assert (modules["encoder"].count_key, modules["encoder"].layout.num_layers) == ("num_layers", 3)
+    assert (modules["decoder"].count_key, modules["decoder"].layout.num_layers) == ("num_decoder_layers", 2)
+
+    recipe = _recipe(t5, {
+        "merge_method": "linear", "parameters": {"weight": 1.0}, "dtype": "float32",
+        "modules": {franken: {"slices": [{"sources": [{"model": m, "layer_range": r}]}
+                                         for m, r in _T5_FRANKEN[franken]]},
+                    linear: _GRADIENT}})
+    recipe_path = tmp_path / "recipe.yml"
+    recipe_path.write_text(json.dumps(recipe))
+    proc = run_cli("run", recipe_path, tmp_path / "ours", env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b, out = load_dir(t5[0]), load_dir(t5[1]), load_dir(tmp_path / "ours")
+
+    n_linear = {"encoder": 3, "decoder": 2}[linear]
+    stack = [(m, i) for m, (lo, hi) in _T5_FRANKEN[franken] for i in range(lo, hi)]
+    src = {"A": a, "B": b}
+
+    def lerp(name, t):  # the gradient module: A's weight 0.2 -> 0.8 over its layers, B's 0.5
+        w = 0.2 + 0.6 * t
+        return (w * a[name] + 0.5 * b[name]) / (w + 0.5)
+
+    expected = {}
+    for i in range(n_linear):
+        for name in [n for n in a if n.startswith(f"{linear}.block.{i}.")]:
+            expected[name] = lerp(name, i / (n_linear - 1))
+    expected[f"{linear}.final_layer_norm.weight"] = lerp(f"{linear}.final_layer_norm.weight", 0.0)  # t = 0
+    for j, (m, i) in enumerate(stack):
+        for name in [n for n in a if n.startswith(f"{franken}.block.{i}.")]:
+            expected[name.replace(f".block.{i}.", f".block.{j}.", 1)] = src[m][name]
+    expected[f"{franken}.final_layer_norm.weight"] = src[stack[-1][0]][f"{franken}.final_layer_norm.weight"]
+    # the tied embeddings are the decoder's first tensor: its first slice (A) or the gradient's t = 0
+    expected["shared.weight"] = a["shared.weight"] if franken == "decoder" else lerp("shared.weight", 0.0)
+    assert set(out) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(out[name], value, msg=name)
+    assert sum(".relative_attention_bias." in n for n in out) == 2  # block 0 of each stack only
+
+    mk_proc = subprocess.run([os.path.join(mergekit_venv(), "bin", "mergekit-yaml"), str(recipe_path),
+                              str(tmp_path / "mk"), "--no-lazy-unpickle"], capture_output=True, text=True,
+                             timeout=600)
+    assert mk_proc.returncode == 0, mk_proc.stderr[-2000:]
+    mk = load_dir(tmp_path / "mk")
+    assert set(mk) == set(out) - {"shared.weight"}
+    for name in mk:
+        torch.testing.assert_close(out[name], mk[name], msg=name)
+
+    counts = {"encoder": 3, "decoder": 2, franken: len(stack)}
+    for d in (tmp_path / "ours", tmp_path / "mk"):
+        cfg = json.load(open(d / "config.json"))
+        assert (cfg["num_layers"], cfg["num_decoder_layers"]) == (counts["encoder"], counts["decoder"]), d
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, info = T5ForConditionalGeneration.from_pretrained(tmp_path / "ours", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert (len(model.encoder.block), len(model.decoder.block)) == (counts["encoder"], counts["decoder"])
+    torch.testing.assert_close(model.lm_head.weight, out["shared.weight"])
+    ids = torch.tensor([[1, 2, 3, 4]])
+    logits = model(input_ids=ids, decoder_input_ids=ids[:, :2]).logits
+    assert logits.shape == (1, 2, 64) and torch.isfinite(logits).all()
+
+
+@pytest.fixture(scope="module")
+def whisper(tmp_path_factory):
+    """Two tiny Whisper models (3 encoder layers, 2 decoder layers), every tensor perturbed."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("whisper")
+    cfg = WhisperConfig(vocab_size=64, d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
+                        max_source_positions=16, max_target_positions=16, decoder_start_token_id=1,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2, suppress_tokens=[], begin_suppress_tokens=[])
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        path = root / f"w{seed}"
+        WhisperForConditionalGeneration(cfg).save_pretrained(path, safe_serialization=True)
+        tensors = load_file(path / "model.safetensors")
+        gen = torch.Generator().manual_seed(seed + 10)
+        save_file({k: v + torch.randn(v.shape, generator=gen) * 0.05 for k, v in tensors.items()},
+                  path / "model.safetensors", metadata={"format": "pt"})
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("franken", ["encoder", "decoder"])
+def test_whisper_encoder_decoder_modules(whisper, tmp_path, franken):
+    """The T5 recipes on Whisper (`model.encoder.layers.N`, `model.decoder.layers.N`; counts `encoder_layers` /
+    `decoder_layers`), against an independent computation only: mergekit's whisper definition cannot run (its
+    decoder prefix lacks a dot: `model.decoderembed_tokens.weight`). The input convolutions and position
+    embeddings come from the first slice, the final layer norm from the last."""
+    from transformers import WhisperForConditionalGeneration
+
+    linear = "decoder" if franken == "encoder" else "encoder"
+    recipe = _recipe(whisper, {
+        "merge_method": "linear", "parameters": {"weight": 1.0}, "dtype": "float32",
+        "modules": {franken: {"slices": [{"sources": [{"model": m, "layer_range": r}]}
+                                         for m, r in _T5_FRANKEN[franken]]},
+                    linear: _GRADIENT}})
+    recipe_path = tmp_path / "recipe.yml"
+    recipe_path.write_text(json.dumps(recipe))
+    proc = run_cli("run", recipe_path, tmp_path / "ours", env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b, out = load_dir(whisper[0]), load_dir(whisper[1]), load_dir(tmp_path / "ours")
+    src = {"A": a, "B": b}
+    n_linear = {"encoder": 3, "decoder": 2}[linear]
+    stack = [(m, i) for m, (lo, hi) in _T5_FRANKEN[franken] for i in range(lo, hi)]
+
+    def lerp(name, t):
+        w = 0.2 + 0.6 * t
+        return (w * a[name] + 0.5 * b[name]) / (w + 0.5)
+
+    expected = {}
+    for name in [n for n in a if n.startswith(f"model.{linear}.")]:
+        parts = name.split(".")
+        expected[name] = lerp(name, int(parts[3]) / (n_linear - 1) if parts[2] == "layers" else 0.0)
+    for name in [n for n in a if n.startswith(f"model.{franken}.") and ".layers." not in n]:
+        expected[name] = src[stack[-1 if ".layer_norm." in name else 0][0]][name]
+    for j, (m, i) in enumerate(stack):
+        for name in [n for n in a if n.startswith(f"model.{franken}.layers.{i}.")]:
+            expected[name.replace(f".layers.{i}.", f".layers.{j}.", 1)] = src[m][name]
+    assert set(out) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(out[name], value, msg=name)
+    counts = {"encoder": 3, "decoder": 2, franken: len(stack)}
+    cfg = json.load(open(tmp_path / "ours" / "config.json"))
+    assert (cfg["encoder_layers"], cfg["decoder_layers"]) == (counts["encoder"], counts["decoder"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, info = WhisperForConditionalGeneration.from_pretrained(tmp_path / "ours", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert (len(model.model.encoder.layers), len(model.model.decoder.layers)) == (counts["encoder"],
+                                                                                   counts["decoder"])
+    logits = model(input_features=torch.randn(1, 8, 32), decoder_input_ids=torch.tensor([[1, 3]])).logits
+    assert logits.shape == (1, 2, 64) and torch.isfinite(logits).all()

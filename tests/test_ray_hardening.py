@@ -50,10 +50,10 @@ class SlowWorker(MergeWorker):
     delay = float(os.environ["RM_DELAY"])
     no_restart = bool(os.environ.get("RM_NO_RESTART"))
 
-    def __init__(self, *args):
+    def __init__(self, *args, **kwargs):
         if self.no_restart and ray.get_runtime_context().was_current_actor_reconstructed:
             raise RuntimeError("this worker cannot be restarted")
-        super().__init__(*args)
+        super().__init__(*args, **kwargs)
 
     def run_shard(self, index):
         time.sleep(self.delay)

@@ -88,7 +88,9 @@ def infer_modules(names: list[str], config: dict, text: Layout) -> dict[str, Mod
     for module, non_layer in members.items():
         prefix, _, key = stacks.get(module, (None, None, None))
         layers = tuple(tuple(d) for d in per_layer.get(module, []))
-        pre = tuple(n for n in non_layer if is_pre(n) or any(h in n for h in _PRE_EXTRA))
+        pre = tuple(n for n in non_layer if is_pre(n) or any(h in n for h in _PRE_EXTRA)
+                    or n.split(".")[-2:-1] in (["shared"], ["conv1"], ["conv2"]))  # T5/Bart tied embeddings,
+        # Whisper's (and audio towers') input convolutions: before the layers, as mergekit's definitions have them
         if not layers:  # a module without layers (a projector): all from the first slice, as mergekit's pre weights
             pre = tuple(non_layer)
         post = tuple(n for n in non_layer if n not in pre)
