@@ -203,7 +203,6 @@ def test_ray_workers_match_in_process(llama_pair, tmp_path, capsys, monkeypatch)
     base, ft = llama_pair
     local, remote = tmp_path / "local", tmp_path / "ray"
     assert extract(capsys, base, ft, local, "--max-rank", 8)[0] == 0
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     assert extract(capsys, base, ft, remote, "--max-rank", 8, "--workers", 2)[0] == 0
     a, b = load_file(str(local / "adapter_model.safetensors")), load_file(str(remote / "adapter_model.safetensors"))
     assert a.keys() == b.keys()

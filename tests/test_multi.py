@@ -132,7 +132,6 @@ INDEPENDENT = THREE.replace("sources: [{model: first, layer_range: [0, 2]}]",
 @pytest.mark.slow
 def test_ray_workers_run_independent_stages(models_dir, tmp_path, capsys, monkeypatch):
     recipe = write(tmp_path, models_dir, INDEPENDENT)  # first and second can run at once
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     rc, stdout, err = run(capsys, recipe, tmp_path / "ray", "--workers", 2)
     assert rc == 0, err
     assert set(statuses(stdout).values()) == {"merged"}
