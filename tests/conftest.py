@@ -1,9 +1,12 @@
 """Shared fixtures: small local models (nothing is downloaded) and the mergekit oracle."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -12,6 +15,23 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@contextlib.contextmanager
+def local_ray(prefix: str):
+    """A local Ray instance for a test module, in a short temp dir under /tmp (Ray's socket paths are limited);
+    shut down and removed afterwards."""
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def mergekit_venv() -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import load_dir, run_cli
+from conftest import load_dir, local_ray, run_cli
 from evolve_fake import FakeEvaluator, comparable, use_by_value
 
 from evolve.both import BothGenome
@@ -38,15 +38,9 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    import tempfile
-
-    import ray
-
     use_by_value()
-    tmp = tempfile.mkdtemp(prefix="rmb", dir="/tmp")  # short: Ray's socket paths
-    ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    with local_ray("rmb") as ray:
+        yield ray.get_runtime_context().gcs_address
 
 
 def genome_dict(fam, **extra) -> dict:

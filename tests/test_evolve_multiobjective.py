@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import load_dir, run_cli
+from conftest import load_dir, local_ray, run_cli
 from evolve_fake import FakeEvaluator, comparable, search_config, use_by_value
 
 from evolve.config import config_from_dict
@@ -41,15 +41,9 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
-    import tempfile
-
-    import ray
-
     use_by_value()
-    tmp = tempfile.mkdtemp(prefix="rmo", dir="/tmp")  # short: Ray's socket paths
-    ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    with local_ray("rmo") as ray:
+        yield ray.get_runtime_context().gcs_address
 
 
 def history(store) -> list[dict]:

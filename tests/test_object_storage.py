@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
-from conftest import write_recipe
+from conftest import local_ray, write_recipe
 from test_hub_plan import TIES, Hub, repos  # noqa: F401  (repos: the hub repositories fixture, reused)
 
 from ray_merge.cli import main as cli_main
@@ -132,17 +130,8 @@ def test_in_process_merge_to_s3_same_bytes_and_loads(s3, ref, tmp_path):
 @pytest.fixture(scope="module")
 def ray_local(s3):
     """One local Ray instance for the Ray cases (started after the AWS_* variables are set)."""
-    import ray
-
-    tmp = tempfile.mkdtemp(prefix="rmo", dir="/tmp")  # short: Ray's socket paths are limited
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    try:
+    with local_ray("rmo") as ray:
         yield ray
-    finally:
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_two_ray_workers_write_to_s3_same_bytes(s3, ref, ray_local, tmp_path):

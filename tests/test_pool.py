@@ -3,13 +3,12 @@ an actor that dies mid-item (restarted by Ray, or gone), a hung item, several it
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
 
 import pytest
+from conftest import local_ray
 
 from ray_merge.execute.ray.pool import WorkPool
 
@@ -39,19 +38,11 @@ class Worker:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    tmp = tempfile.mkdtemp(prefix="rmp", dir="/tmp")  # short: Ray's socket paths are limited
-    import ray
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this module
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    try:
+    with local_ray("rmp") as ray:
         yield ray
-    finally:
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def actor(ray, **options):
