@@ -376,6 +376,26 @@ def test_nan_in_an_input_is_warned_about_and_counted(tmp_path):
     assert manifest["non_finite_values"] == {name: 4}
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64,
+                                   torch.float8_e4m3fn, torch.float8_e5m2])
+def test_non_finite_count_is_exact_wherever_the_values_are(dtype):
+    """The fast screen (min/max) finds a single NaN or inf anywhere; the count equals an independent count."""
+    from ray_merge.execute.shards import count_non_finite
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        n = int(torch.randint(1, 200_000, (1,), generator=g))
+        t = torch.randn(n, generator=g) * 100
+        for j, i in enumerate(torch.randint(0, n, (trial % 4,), generator=g).tolist()):
+            t[i] = (float("nan"), float("inf"), -float("inf"))[j % 3]
+        t = t.to(dtype)
+        expected = int((~torch.isfinite(t.to(torch.float64))).sum())
+        assert count_non_finite(t) == expected
+        assert count_non_finite(t.reshape(-1, 1).expand(-1, 2).t()) == 2 * expected  # a strided view
+    assert count_non_finite(torch.tensor(float("nan"), dtype=dtype if dtype.itemsize > 1 else torch.float32)) == 1
+    assert count_non_finite(torch.arange(5)) == 0
+
+
 def test_float8_inputs_without_dtype_is_one_line(tmp_path):
     """Plain float8 weights (no scales) cannot be merged in float8: one line asking for a dtype; with one, it runs."""
     from safetensors.torch import load_file, save_file

@@ -36,9 +36,11 @@ def count_non_finite(t: torch.Tensor) -> int:
     """NaN and infinite values in ``t`` (0 for integer tensors)."""
     if not t.is_floating_point() or t.numel() == 0:
         return 0
-    # one reduction screens the tensor: any NaN or inf makes the sum non-finite (an overflowing sum of finite
-    # values only costs the exact count below, which then finds none)
-    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+    if t.element_size() == 1:  # float8: no aminmax or isfinite on CPU; float16 holds every value exactly
+        t = t.to(torch.float16)
+    # one reduction screens the tensor: min and max propagate NaN and are infinite for any inf (20x faster
+    # than a float32 sum of bf16 values)
+    if bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
         return 0
     return t.numel() - int(torch.isfinite(t).sum())
 
