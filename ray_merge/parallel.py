@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Optional, TypeVar
@@ -97,6 +98,23 @@ def set_thread_defaults(environ: Optional[dict] = None) -> None:
     cpus = str(available_cpus())
     env.setdefault("OMP_NUM_THREADS", cpus)
     env.setdefault("MKL_NUM_THREADS", env["OMP_NUM_THREADS"])
+
+
+@contextmanager
+def intra_op_threads(n: int):
+    """Run the enclosed torch ops with ``n`` intra-op threads (at least 1), then restore the count."""
+    import torch
+
+    n = max(1, n)
+    before = torch.get_num_threads()
+    if n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _mark_pool_thread() -> None:

@@ -91,3 +91,47 @@ def test_ray_worker_peak_follows_the_budget(big_embedding, tmp_path):
     worker = json.load(open(tmp_path / "out" / MANIFEST))["workers"][0]
     assert worker["budget_bytes"] == BUDGET and worker["chunked_tensors"] >= 2
     assert worker["peak_rss_over_baseline_bytes"] <= BUDGET + SLACK, worker
+
+
+
+@pytest.mark.parametrize("out_of_core", [True, False])
+def test_inputs_larger_than_free_memory_are_dropped_from_the_page_cache_after_their_merge(tmp_path, monkeypatch,
+                                                                                           out_of_core):
+    """Out of core (inputs over the free memory) every input tensor's bytes are advised out of the page cache
+    once merged (read once, they would only evict pages still to be read); when the inputs fit, never.
+    (The kernel's side, the cache staying small, is measured by scripts/bench_merge.py --large.)"""
+    import types
+
+    import psutil
+
+    from models import build_model, save_model
+    from ray_merge.engine import run_merge
+    from ray_merge.execute import loaders
+    from ray_merge.io.models import index_weights
+    from ray_merge.options import MergeOptions
+    from ray_merge.recipe.load import load_recipe
+
+    paths = [save_model(build_model("llama", seed=s), str(tmp_path / f"m{s}")) for s in range(2)]
+    recipe = write_recipe(tmp_path / "r.yml", f"merge_method: linear\nmodels:\n  - model: {paths[0]}\n    "
+                          f"parameters: {{weight: 0.5}}\n  - model: {paths[1]}\n    parameters: {{weight: 0.5}}\n")
+    input_bytes = sum(os.path.getsize(os.path.join(p, "model.safetensors")) for p in paths)
+    real = psutil.virtual_memory()
+    free = input_bytes // 2 if out_of_core else input_bytes * 4
+    monkeypatch.setattr(loaders, "psutil", types.SimpleNamespace(virtual_memory=lambda: real._replace(available=free)))
+    advised = []
+    real_fadvise = os.posix_fadvise
+
+    def spy(fd, offset, length, advice):
+        advised.append((os.readlink(f"/proc/self/fd/{fd}"), offset, length, advice))
+        return real_fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(loaders.os, "posix_fadvise", spy)
+    run_merge(load_recipe(str(recipe)), str(tmp_path / "out"), MergeOptions(quiet=True))
+    if not out_of_core:
+        assert advised == []
+        return
+    expected = set()
+    for p in paths:
+        for meta in index_weights(p, p).values():
+            expected.add((meta.file, meta.offset, meta.nbytes, os.POSIX_FADV_DONTNEED))
+    assert len(advised) == len(expected) and set(advised) == expected  # each input tensor once

@@ -66,3 +66,36 @@ def test_thread_defaults_keep_the_users_values():
     parallel.set_thread_defaults(env)
     assert env["OMP_WAIT_POLICY"] == "ACTIVE"
     assert int(env["OMP_NUM_THREADS"]) == parallel.available_cpus() >= 1
+
+
+def test_element_wise_merges_leave_a_core_to_the_reader_and_writer_and_give_the_same_bytes(monkeypatch):
+    """Block-wise (element-wise) merges run with one intra-op thread fewer, then the count is restored; the
+    result is the same bytes as with every thread."""
+    import dataclasses
+
+    import torch
+
+    from ray_merge.execute import compute
+    from ray_merge.planner.plan import PlannedTensor, TensorInput
+
+    before = torch.get_num_threads()
+    seen = []
+    real_merge = compute.get_method("linear", internal=True).merge
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(512, 2048, generator=g).to(torch.bfloat16) for _ in range(3)]
+    pt = PlannedTensor(name="w", shape=(512, 2048), out_dtype="bfloat16",
+                       inputs=[TensorInput(model=i, tensor="w", file="f", shape=(512, 2048), dtype="bfloat16")
+                               for i in range(3)],
+                       base_index=None, compute_dtype=None, params={"normalize": True},
+                       model_params=[{"weight": w} for w in (0.5, 0.3, 0.2)], method="linear", working_bytes=0)
+    method = dataclasses.replace(compute.get_method("linear", internal=True),
+                                 fn=lambda inp: (seen.append(torch.get_num_threads()), real_merge(inp))[1])
+    monkeypatch.setattr(compute, "get_method", lambda name, internal: method)
+    out = compute.compute_tensor(pt, inputs, seed=0)
+    assert seen and set(seen) == {max(1, before - 1)}
+    assert torch.get_num_threads() == before
+    with parallel.intra_op_threads(before):
+        whole = real_merge(compute.MergeInputs(tensors=[t.float() for t in inputs], base_index=None,
+                                               model_params=pt.model_params, params=pt.params, generator=None,
+                                               name="w")).to(torch.bfloat16)
+    assert torch.equal(out, whole)

@@ -15,6 +15,7 @@ from ray_merge.execute.loaders import TensorLoader
 from ray_merge.execute.stream import iter_computed, iter_row_chunks, row_groups
 from ray_merge.io.storage import filesystem, is_url
 from ray_merge.io.writer import ShardWriter
+from ray_merge.parallel import intra_op_threads, threads
 from ray_merge.planner.plan import Plan, PlannedTensor, Shard
 
 log = logging.getLogger("ray_merge")
@@ -36,6 +37,11 @@ def count_non_finite(t: torch.Tensor) -> int:
     """NaN and infinite values in ``t`` (0 for integer tensors)."""
     if not t.is_floating_point() or t.numel() == 0:
         return 0
+    with intra_op_threads(threads() - 1):  # a memory-bound scan, beside the reader and writer threads
+        return _count_non_finite(t)
+
+
+def _count_non_finite(t: torch.Tensor) -> int:
     if t.element_size() == 1:  # float8: no aminmax or isfinite on CPU; float16 holds every value exactly
         t = t.to(torch.float16)
     # one reduction screens the tensor: min and max propagate NaN and are infinite for any inf (20x faster

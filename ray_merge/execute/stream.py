@@ -36,6 +36,7 @@ def iter_computed(plan: Plan, tensors: list[PlannedTensor], loader: TensorLoader
     """Yield (planned tensor, merged tensor), reading the next inputs ahead when the budget allows."""
     with ThreadPoolExecutor(1, thread_name_prefix="ray-merge-read") as pool:
         pending: Optional[Future] = None
+        merged: Optional[PlannedTensor] = None  # the tensor merged before this one
         for i, pt in enumerate(tensors):
             inputs = pending.result() if pending is not None else tensor_rows(pt, loader).whole(memory_budget)
             pending = None
@@ -47,10 +48,17 @@ def iter_computed(plan: Plan, tensors: list[PlannedTensor], loader: TensorLoader
                     pending = pool.submit(loader.load_all, nxt)
             out = compute_tensor(pt, inputs, seed, device)
             del inputs
+            # out of core, the inputs' pages are not needed again: those of the tensor before (the kernel
+            # keeps pages unmapped a moment ago, measured: the last tensor's stay cached)
+            if merged is not None:
+                loader.evict(merged)
+            merged = pt
             yield pt, out
             del out  # the caller owns it now: don't hold it while the next tensor is computed
         if pending is not None:
             pending.result()
+        if merged is not None:
+            loader.evict(merged)
 
 
 def iter_row_chunks(pt: PlannedTensor, loader: TensorLoader, rows: int, *, seed: Optional[int],
@@ -61,6 +69,7 @@ def iter_row_chunks(pt: PlannedTensor, loader: TensorLoader, rows: int, *, seed:
         del inputs
         yield start, out
         del out
+    loader.evict(pt)
 
 
 def merge_in_memory(plan: Plan, loader: Optional[TensorLoader] = None, device: str = "cpu") -> dict[str, torch.Tensor]:
