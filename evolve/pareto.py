@@ -41,10 +41,11 @@ def non_dominated(points: np.ndarray) -> list[int]:
 
 
 def pareto_front(history: list[dict], tasks: list) -> list[dict]:
-    """The scored candidates on the front, one per distinct score vector (the earliest evaluation), ordered by
-    the first objective (best first), then by id."""
+    """The scored candidates on the front, one per distinct score vector (the earliest candidate by generation
+    and index, never the finishing order, which differs between runs), ordered by the first objective (best
+    first), then by id."""
     ok = sorted((r for r in history if r.get("status") == "ok" and r.get("generation", -1) >= 0),
-                key=lambda r: (r.get("eval_number", 0), r["id"]))
+                key=lambda r: (r["generation"], r.get("index", 0), r["id"]))
     seen: dict[tuple, dict] = {}
     for r in ok:
         seen.setdefault(tuple(objectives(r["scores"], tasks)), r)

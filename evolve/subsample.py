@@ -62,10 +62,11 @@ def rescore_points(last_generation: int, every: Optional[int]) -> list[int]:
 
 
 def top_candidates(history: list[dict], k: int, up_to_generation: Optional[int] = None) -> list[dict]:
-    """The ``k`` best scored candidates by cheap combined score (ties: the earlier evaluation first)."""
+    """The ``k`` best scored candidates by cheap combined score (ties: the earlier candidate by generation and
+    index, never the finishing order, which parallel evaluators make differ between runs and resumes)."""
     ok = [r for r in history if r.get("status") == "ok" and r.get("generation", -1) >= 0
           and (up_to_generation is None or r["generation"] <= up_to_generation)]
-    ok.sort(key=lambda r: (-r["score"], r.get("eval_number", 0), r["id"]))
+    ok.sort(key=lambda r: (-r["score"], r["generation"], r.get("index", 0), r["id"]))
     return ok[:k]
 
 

@@ -204,3 +204,22 @@ def test_lm_eval_scores_the_drawn_examples(tmp_path):
     idx = samples_for({"demo_arith": 200}, draw, limit=40)["demo_arith"]
     assert len(per_doc) == 40 and len(idx) == 12 and max(idx) < 40
     assert cheap == pytest.approx(np.mean([per_doc[i] for i in idx]))
+
+
+def test_ties_in_the_cheap_score_are_broken_by_candidate_never_by_finishing_order():
+    """Which of equally scored candidates is re-scored, or stands for its score vector on a Pareto front, must
+    not depend on which evaluator finished first (it differs between a run and its resume)."""
+    from evolve.pareto import pareto_front
+    from evolve.subsample import top_candidates
+
+    def rec(g, i, score, n):
+        return {"id": f"g{g:03d}-{i:02d}", "generation": g, "index": i, "status": "ok", "score": score,
+                "scores": {"a": score, "b": 1.0}, "eval_number": n}
+
+    history = [rec(0, 3, 1.0, 1), rec(0, 1, 1.0, 2), rec(1, 0, 1.0, 3), rec(0, 2, 0.5, 4)]
+    for order in (history, history[::-1]):
+        for n, r in enumerate(order):
+            r["eval_number"] = n + 1  # any finishing order
+        assert [r["id"] for r in top_candidates(order, 2)] == ["g000-01", "g000-03"]
+        tasks = [{"name": "a", "weight": 1.0}, {"name": "b", "weight": 1.0}]
+        assert [r["id"] for r in pareto_front(order, tasks)] == ["g000-01"]

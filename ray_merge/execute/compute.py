@@ -18,7 +18,7 @@ def tensor_seed(seed: Optional[int], name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-# Element-wise methods run over blocks of about this many elements: the working set stays in
+# Element-wise methods (row_splittable) run over blocks of about this many elements: the working set stays in
 # the CPU cache, and torch spreads each op over the cores (a thread per block instead nests
 # OpenMP teams, which measured 10-20% slower on 2 cores). They are memory-bound and their
 # tensors stream through the reader and writer threads, whose page-cache copies need a core:
