@@ -100,6 +100,12 @@ def set_thread_defaults(environ: Optional[dict] = None) -> None:
     env.setdefault("MKL_NUM_THREADS", env["OMP_NUM_THREADS"])
 
 
+def memory_bound_threads() -> int:
+    """Intra-op threads for memory-bound work (element-wise merges, the NaN/inf scan) streamed beside the reader
+    and writer threads: one fewer than the cores, whose page-cache copies need one."""
+    return max(1, threads() - 1)
+
+
 @contextmanager
 def intra_op_threads(n: int):
     """Run the enclosed torch ops with ``n`` intra-op threads (at least 1), then restore the count."""

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ray_merge.methods import MergeInputs, get_method
-from ray_merge.parallel import intra_op_threads, threads
+from ray_merge.parallel import intra_op_threads, memory_bound_threads
 from ray_merge.planner.plan import PlannedTensor
 
 
@@ -55,7 +55,7 @@ def compute_tensor(pt: PlannedTensor, inputs: list[torch.Tensor], seed: Optional
         def block(start: int) -> None:
             out[start:start + step] = merge([t[start:start + step] for t in inputs]).to(out_dtype)
 
-        with intra_op_threads(threads() - 1):
+        with intra_op_threads(memory_bound_threads()):
             for start in range(0, rows, step):
                 block(start)
         return out

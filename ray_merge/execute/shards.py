@@ -15,7 +15,7 @@ from ray_merge.execute.loaders import TensorLoader
 from ray_merge.execute.stream import iter_computed, iter_row_chunks, row_groups
 from ray_merge.io.storage import filesystem, is_url
 from ray_merge.io.writer import ShardWriter
-from ray_merge.parallel import intra_op_threads, threads
+from ray_merge.parallel import intra_op_threads, memory_bound_threads
 from ray_merge.planner.plan import Plan, PlannedTensor, Shard
 
 log = logging.getLogger("ray_merge")
@@ -37,7 +37,7 @@ def count_non_finite(t: torch.Tensor) -> int:
     """NaN and infinite values in ``t`` (0 for integer tensors)."""
     if not t.is_floating_point() or t.numel() == 0:
         return 0
-    with intra_op_threads(threads() - 1):  # a memory-bound scan, beside the reader and writer threads
+    with intra_op_threads(memory_bound_threads()):  # a memory-bound scan, beside the reader and writer threads
         return _count_non_finite(t)
 
 

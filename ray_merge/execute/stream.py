@@ -48,8 +48,8 @@ def iter_computed(plan: Plan, tensors: list[PlannedTensor], loader: TensorLoader
                     pending = pool.submit(loader.load_all, nxt)
             out = compute_tensor(pt, inputs, seed, device)
             del inputs
-            # out of core, the inputs' pages are not needed again: those of the tensor before (the kernel
-            # keeps pages unmapped a moment ago, measured: the last tensor's stay cached)
+            # out of core, inputs' pages are not needed again; drop the previous tensor's, not this one's:
+            # the kernel keeps pages that were unmapped a moment ago (measured with mincore)
             if merged is not None:
                 loader.evict(merged)
             merged = pt
